@@ -1,0 +1,122 @@
+"""Pretraining throughput (images/s) for the demo and paper configs, and where a step's time goes.
+
+Times full training steps (forward, loss, backward, Adam) of the pretraining module on
+random batches of the config's shape, after warm-up; then splits one step into the
+backbone (forward + backward up to the taps) and the head + loss (sampling, MLP, loss and
+their backward). Writes ``benchmarks/results/pretrain_throughput.md``.
+
+    python benchmarks/pretrain_throughput.py [--steps 5] [--configs demo paper] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from crossflow.models.hypercolumn import sparse_hypercolumn
+from crossflow.module import CrossFlowPretraining
+
+CONFIGS = {
+    # name: (crop, batch, points, taps) as in configs/pretrain/{demo,cpof_alexnet}.yaml
+    "demo": (128, 32, 256, ["conv1", "pool1", "conv3", "pool5"]),
+    "paper": (224, 96, 512, ["conv1", "pool1", "conv3", "pool5", "fc7"]),
+}
+
+
+def random_batch(crop: int, batch: int, points: int, device: str) -> dict:
+    return {
+        "image": torch.randn(batch, 3, crop, crop, device=device),
+        "points": torch.rand(batch, points, 2, device=device) * (crop - 1),
+        "flow": torch.rand(batch, points, 2, device=device) * 2 - 1,
+    }
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(module: CrossFlowPretraining, batch: dict, steps: int, device: str, precision: str) -> float:
+    """Seconds per full training step."""
+    optimizer = module.configure_optimizers()
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = module.objective_loss(module(batch["image"], batch["points"]), batch["flow"])
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def time_backbone_share(module: CrossFlowPretraining, batch: dict, steps: int, device: str) -> float:
+    """Share of a step's time spent in the backbone (forward + backward to its taps)."""
+    taps = module.hparams.taps
+
+    def backbone_only():
+        activations = module.backbone(batch["image"], taps)
+        torch.autograd.backward(list(activations.values()), [torch.ones_like(a) for a in activations.values()])
+
+    def full():
+        activations = module.backbone(batch["image"], taps)
+        output = module.head(sparse_hypercolumn(activations, batch["points"], module.geometry, taps))
+        module.objective_loss(output, batch["flow"]).backward()
+
+    timings = {}
+    for name, fn in (("backbone", backbone_only), ("full", full)):
+        fn()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+        timings[name] = (time.perf_counter() - start) / steps
+    return timings["backbone"] / timings["full"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="32", choices=["32", "bf16"])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "pretrain_throughput.md"))
+    args = parser.parse_args()
+
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    rows = []
+    for name in args.configs:
+        crop, batch_size, points, taps = CONFIGS[name]
+        torch.manual_seed(0)
+        module = CrossFlowPretraining(taps=taps).to(args.device).train()
+        batch = random_batch(crop, batch_size, points, args.device)
+        seconds = time_steps(module, batch, args.steps, args.device, args.precision)
+        share = time_backbone_share(module, batch, args.steps, args.device)
+        rows.append(f"| {name} | {crop} | {batch_size} | {points} | {seconds:.2f} | {batch_size / seconds:.1f} | {100 * share:.0f}% | {100 * (1 - share):.0f}% |")
+        print(rows[-1], flush=True)
+    table = "\n".join([
+        f"Machine: {machine}; torch {torch.__version__}; precision {args.precision}; {args.steps} timed steps after warm-up.",
+        "",
+        "| config | crop | batch | points/image | s/step | images/s | backbone | head + loss |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

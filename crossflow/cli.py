@@ -1,0 +1,68 @@
+"""The one `crossflow` command.
+
+``crossflow fit|validate|test|predict --config X.yaml`` is Lightning's CLI, with the model
+and data module chosen by ``class_path`` (pretraining and every eval run through it);
+``crossflow prepare|synth|export|summary`` are the data and export tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+TOOLS = {
+    "prepare": ("crossflow.data.prepare", "videos -> WebDataset shards of (frame, flow) pairs"),
+    "synth": ("crossflow.data.synthetic", "generate the synthetic world (videos, VOC, ImageFolder)"),
+    "export": ("crossflow.export", "checkpoint -> backbone file with batch norm folded"),
+    "summary": ("crossflow.summary", "a pretraining run's summary: losses, sigma^2, object-grouping AUC"),
+}
+
+
+class UploadConfigCallback(SaveConfigCallback):
+    """Saves the resolved config next to the run, and uploads it to every W&B run of the trainer."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+
+
+def lightning_main(args: list[str] | None = None) -> None:
+    LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=UploadConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=args,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; WANDB_MODE=online streams
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        module_name, help_text = TOOLS[argv[0]]
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(prog=f"crossflow {argv[0]}", description=help_text)
+        module.add_arguments(parser)
+        return module.run(parser.parse_args(argv[1:]))
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: crossflow {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]")
+        print("       crossflow {" + ",".join(TOOLS) + "} ...")
+        for name, (_, help_text) in TOOLS.items():
+            print(f"  {name:9s} {help_text}")
+        print("  fit, validate, test, predict: Lightning's CLI (`crossflow fit --help`)")
+        return 0
+    lightning_main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: the synthetic world, video preparation into shards, and the training DataModule."""

@@ -1,0 +1,81 @@
+"""Sparse hypercolumns: backbone activations sampled bilinearly at chosen pixels.
+
+A feature at index ``j`` of a layer with geometry ``(stride, offset)`` is centred on input
+pixel ``stride * j + offset`` (see :func:`crossflow.models.alexnet.layer_geometry`), so
+input pixel ``x`` reads the layer at fractional index ``(x - offset) / stride``;
+outside the map the border value is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sample_at_points(
+    features: torch.Tensor, points: torch.Tensor, stride: float, offset: float
+) -> torch.Tensor:
+    """Bilinear sample of ``features [B, C, h, w]`` at input pixels ``points [B, N, 2]`` (x, y).
+
+    Returns ``[B, N, C]``.
+    """
+    h, w = features.shape[-2:]
+    index = (points.to(features.dtype) - offset) / stride  # fractional (j_x, j_y)
+    size = torch.tensor([w, h], dtype=features.dtype, device=features.device)
+    grid = (2 * index + 1) / size - 1  # align_corners=False: index j -> (2j + 1) / size - 1
+    sampled = F.grid_sample(features, grid.unsqueeze(1), mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled.squeeze(2).transpose(1, 2)
+
+
+def sparse_hypercolumn(
+    activations: Mapping[str, torch.Tensor],
+    points: torch.Tensor,
+    geometry: Mapping[str, tuple[float, float]],
+    taps: list[str] | tuple[str, ...],
+) -> torch.Tensor:
+    """Concatenate ``taps`` sampled at ``points [B, N, 2]`` -> ``[B, N, sum(C_tap)]``."""
+    return torch.cat([sample_at_points(activations[t], points, *geometry[t]) for t in taps], dim=-1)
+
+
+def pixel_grid_chunks(height: int, width: int, chunk: int, device=None) -> Iterator[torch.Tensor]:
+    """All pixel centres of an ``height x width`` image, row-major, as ``[n <= chunk, 2]`` (x, y)."""
+    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    coords = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1).float()
+    yield from coords.split(chunk)
+
+
+class HypercolumnMLP(nn.Module):
+    """Sparse hypercolumn -> MLP with one hidden layer (ReLU) -> ``out_dim`` values per pixel."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, hypercolumns: torch.Tensor) -> torch.Tensor:
+        """``[B, N, in_dim]`` -> ``[B, N, out_dim]``."""
+        return self.mlp(hypercolumns)
+
+
+def dense_head_output(
+    activations: Mapping[str, torch.Tensor],
+    geometry: Mapping[str, tuple[float, float]],
+    taps: list[str] | tuple[str, ...],
+    head: nn.Module,
+    image_size: tuple[int, int],
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """The head evaluated at every pixel of the input, in chunks of ``chunk`` pixels to bound memory.
+
+    ``activations`` are one forward pass of a batch; returns ``[B, out_dim, H, W]``.
+    """
+    height, width = image_size
+    batch = next(iter(activations.values())).shape[0]
+    device = next(iter(activations.values())).device
+    outputs = []
+    for coords in pixel_grid_chunks(height, width, chunk, device=device):
+        points = coords.unsqueeze(0).expand(batch, -1, -1)
+        outputs.append(head(sparse_hypercolumn(activations, points, geometry, taps)))
+    return torch.cat(outputs, dim=1).transpose(1, 2).reshape(batch, -1, height, width)

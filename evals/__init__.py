@@ -1,0 +1,1 @@
+"""Transfer evaluations of an exported crossflow backbone (sibling LightningModules)."""

@@ -1,0 +1,133 @@
+"""AlexNet shapes and geometry, sparse hypercolumn sampling, batch-norm folding, the backbone file."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from crossflow.models import AlexNet, LAYERS, fold_batch_norm, layer_geometry, load_backbone, save_backbone, sample_at_points
+from crossflow.models.hypercolumn import HypercolumnMLP, dense_head_output, sparse_hypercolumn
+
+
+def test_shapes_at_224():
+    shapes = {k: tuple(v.shape[1:]) for k, v in AlexNet()(torch.randn(1, 3, 224, 224), LAYERS).items()}
+    assert shapes == {
+        "conv1": (96, 56, 56), "pool1": (96, 28, 28), "conv2": (256, 28, 28), "pool2": (256, 14, 14),
+        "conv3": (384, 14, 14), "conv4": (384, 14, 14), "conv5": (256, 14, 14), "pool5": (256, 6, 6),
+        "fc6": (4096, 1, 1), "fc7": (4096, 1, 1),
+    }
+
+
+def test_grouped_variant_has_half_the_conv2_weights():
+    assert AlexNet(groups=2).conv("conv2").weight.shape == (256, 48, 5, 5)
+
+
+@pytest.mark.parametrize("layer", ["conv1", "pool1", "conv2", "pool2", "conv3", "conv5", "pool5"])
+def test_geometry_is_the_receptive_field_centre(layer):
+    """With max pools swapped for average pools (same windows), the input pixels that reach
+    unit j form its receptive field, whose centre must be stride * j + offset."""
+    network = AlexNet()
+    for name in LAYERS:
+        if isinstance(network.layers[name], nn.MaxPool2d):
+            pool = network.layers[name]
+            network.layers[name] = nn.AvgPool2d(pool.kernel_size, pool.stride, pool.padding)
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.constant_(module.weight, 0.01)
+    image = torch.ones(1, 3, 224, 224, requires_grad=True)
+    activation = network(image, [layer])[layer]
+    j = activation.shape[-1] // 2  # an interior unit, away from padding
+    activation[0, 0, j, j].backward()
+    columns = image.grad[0, 0].abs().sum(0).nonzero().flatten()
+    stride, offset = layer_geometry()[layer]
+    assert (columns.min() + columns.max()).item() / 2 == stride * j + offset
+
+
+def test_sampling_at_feature_centres_is_exact_for_every_tap():
+    network = AlexNet().double()
+    activations = network(torch.randn(2, 3, 224, 224, dtype=torch.float64), LAYERS)
+    for layer, features in activations.items():
+        stride, offset = layer_geometry()[layer]
+        h, w = features.shape[-2:]
+        jy, jx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        points = torch.stack([stride * jx + offset, stride * jy + offset], -1).reshape(1, -1, 2).expand(2, -1, -1).double()
+        sampled = sample_at_points(features, points, stride, offset)
+        expected = features.flatten(2).transpose(1, 2)
+        torch.testing.assert_close(sampled, expected, rtol=0, atol=1e-9, msg=layer)
+
+
+def test_sampling_between_centres_is_bilinear_and_clamped_at_borders():
+    features = torch.arange(12.0).reshape(1, 1, 3, 4)  # value = 4 * row + column
+    points = torch.tensor([[[16 * 1.5, 16 * 0.25], [-100.0, -100.0], [1000.0, 16 * 2.0]]])
+    sampled = sample_at_points(features, points, 16.0, 0.0)[0, :, 0]
+    assert sampled.tolist() == pytest.approx([4 * 0.25 + 1.5, 0.0, 11.0])
+
+
+def test_hypercolumn_concatenates_taps_in_order():
+    network = AlexNet()
+    taps = ["conv1", "pool1", "conv3", "pool5", "fc7"]
+    activations = network(torch.randn(2, 3, 224, 224), taps)
+    columns = sparse_hypercolumn(activations, torch.rand(2, 9, 2) * 223, layer_geometry(), taps)
+    assert columns.shape == (2, 9, 96 + 96 + 384 + 256 + 4096)
+    torch.testing.assert_close(columns[:, :, -4096:], activations["fc7"].flatten(1).unsqueeze(1).expand(-1, 9, -1))
+
+
+def test_dense_output_equals_sparse_output_at_every_pixel():
+    network, head = AlexNet(), HypercolumnMLP(96 + 384, 8, 3)
+    taps = ["conv1", "conv3"]
+    activations = network(torch.randn(1, 3, 40, 36), taps)
+    dense = dense_head_output(activations, layer_geometry(), taps, head, (40, 36), chunk=100)
+    points = torch.tensor([[[0.0, 0.0], [35.0, 39.0], [17.0, 5.0]]])
+    sparse = head(sparse_hypercolumn(activations, points, layer_geometry(), taps))
+    torch.testing.assert_close(dense[0, :, [0, 39, 5], [0, 35, 17]].T, sparse[0])
+
+
+@pytest.fixture(scope="module")
+def trained_like_network() -> AlexNet:
+    """A BN network whose running statistics are far from (0, 1), as after training."""
+    torch.manual_seed(0)
+    network = AlexNet(batch_norm=True)
+    network.train()
+    with torch.no_grad():
+        for _ in range(2):
+            network(torch.randn(2, 3, 224, 224) * 2 + 0.5, LAYERS)
+    return network.eval()
+
+
+def test_folded_network_equals_eval_mode_bn_network(trained_like_network):
+    network = trained_like_network
+    folded = fold_batch_norm(network)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    image = torch.randn(2, 3, 224, 224)
+    expected, actual = network(image, LAYERS), folded(image, LAYERS)
+    for layer in LAYERS:
+        scale = expected[layer].abs().max()
+        assert (actual[layer] - expected[layer]).abs().max() <= 1e-4 * scale, layer
+
+
+def test_backbone_file_round_trip(tmp_path, trained_like_network):
+    network = trained_like_network
+    path = save_backbone(network, tmp_path / "backbone.pt", source={"checkpoint": "x"})
+    loaded = load_backbone(path)
+    assert not loaded.training and not loaded.batch_norm
+    image = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(loaded(image)["fc7"], fold_batch_norm(network)(image)["fc7"])
+
+
+def test_random_backbone_and_bad_files(tmp_path):
+    random_network = load_backbone(None)
+    assert isinstance(random_network, AlexNet) and not random_network.batch_norm and not random_network.training
+    with pytest.raises(FileNotFoundError, match="crossflow export"):
+        load_backbone(tmp_path / "missing.pt")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a crossflow backbone"):
+        load_backbone(tmp_path / "other.pt")
+
+
+def test_fold_does_not_touch_the_source_network(trained_like_network):
+    network = trained_like_network
+    before = copy.deepcopy(network.state_dict())
+    fold_batch_norm(network)
+    for key, value in network.state_dict().items():
+        assert torch.equal(value, before[key])
