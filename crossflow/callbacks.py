@@ -15,5 +15,5 @@ class InitialCheckpoint(L.Callback):
         self.dirpath = Path(dirpath)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0:
+        if trainer.global_step == 0 and not trainer.fast_dev_run:
             trainer.save_checkpoint(self.dirpath / "init.ckpt")

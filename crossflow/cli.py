@@ -14,6 +14,8 @@ import sys
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from crossflow.errors import UserInputError
+
 TOOLS = {
     "prepare": ("crossflow.data.prepare", "videos -> WebDataset shards of (frame, flow) pairs"),
     "synth": ("crossflow.data.synthetic", "generate the synthetic world (videos, VOC, ImageFolder)"),
@@ -52,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
         parser = argparse.ArgumentParser(prog=f"crossflow {argv[0]}", description=help_text)
         module.add_arguments(parser)
-        return module.run(parser.parse_args(argv[1:]))
+        try:
+            return module.run(parser.parse_args(argv[1:]))
+        except UserInputError as error:
+            print(f"crossflow {argv[0]}: error: {error}", file=sys.stderr)
+            return 2
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: crossflow {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]")
         print("       crossflow {" + ",".join(TOOLS) + "} ...")
@@ -60,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:9s} {help_text}")
         print("  fit, validate, test, predict: Lightning's CLI (`crossflow fit --help`)")
         return 0
-    lightning_main(argv)
+    try:
+        lightning_main(argv)
+    except UserInputError as error:
+        print(f"crossflow {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

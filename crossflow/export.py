@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
+from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.models.backbone import save_backbone
 from crossflow.module import CrossFlowPretraining
 
@@ -16,17 +16,15 @@ def load_pretraining_checkpoint(path: str | Path) -> CrossFlowPretraining:
     """A crossflow pretraining checkpoint -> the module in eval mode; a clear refusal for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingInputError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for non-checkpoint files
-        raise ValueError(f"{path} is not a crossflow pretraining checkpoint (torch.load failed: {error})") from None
+        raise InvalidInputError(f"{path} is not a crossflow pretraining checkpoint (torch.load failed: {error})") from None
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     if "log_sigma2" not in state or not any(k.startswith("backbone.") for k in state):
-        raise ValueError(f"{path} is not a crossflow pretraining checkpoint (made by `crossflow fit --config configs/pretrain/...`)")
-    module = CrossFlowPretraining(**checkpoint.get("hyper_parameters", {}))
-    module.load_state_dict(state)
-    return module.eval()
+        raise InvalidInputError(f"{path} is not a crossflow pretraining checkpoint (made by `crossflow fit --config configs/pretrain/...`)")
+    return CrossFlowPretraining.load_from_checkpoint(path, map_location="cpu").eval()
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
@@ -41,10 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        path = export(args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"crossflow export: {error}", file=sys.stderr)
-        return 2
+    path = export(args.checkpoint, args.out)
     print(f"backbone written: {path} (batch norm folded into the conv weights; load with crossflow.models.load_backbone)")
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import cv2
@@ -28,7 +27,8 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from crossflow.data.pairs import PairDataModule
-from crossflow.data.synthetic import render_clip
+from crossflow.data.render import render_clip
+from crossflow.errors import MissingInputError
 from crossflow.export import load_pretraining_checkpoint
 from crossflow.losses import cross_pixel_similarity_loss, flow_target_entropy
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
@@ -39,7 +39,8 @@ HELD_OUT_SEED = 1_000_000  # synthetic clip seeds from here on are never used by
 
 def datamodule_of(checkpoint: Path) -> PairDataModule:
     hparams = torch.load(checkpoint, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
-    return PairDataModule(**{**hparams, "num_workers": 0})
+    arguments = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI adds _class_path
+    return PairDataModule(**{**arguments, "num_workers": 0})
 
 
 @torch.no_grad()
@@ -105,7 +106,7 @@ def summarise(run_dir: Path, calibration_batches: int = 4, num_clips: int = 6, f
     init_path, best_path = checkpoints / "init.ckpt", checkpoints / "best.ckpt"
     for path in (init_path, best_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {run_dir} a finished `crossflow fit` run of configs/pretrain/?")
+            raise MissingInputError(f"{path} not found: is {run_dir} a finished `crossflow fit` run of configs/pretrain/?")
     datamodule = datamodule_of(best_path)
     datamodule.setup("fit")
     train_batches = [b for b, _ in zip(datamodule.train_dataloader(), range(calibration_batches)) if b is not None]
@@ -161,11 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    try:
-        summary = summarise(run_dir)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"crossflow summary: {error}", file=sys.stderr)
-        return 2
+    summary = summarise(run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))
     return 0

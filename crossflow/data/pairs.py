@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.flow import decode_kitti_png_bytes, normalize_flow
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
 
@@ -39,13 +40,13 @@ def read_index(data_dir: str | Path) -> dict:
     """``DIR/index.json`` with a one-line error naming the command that makes it."""
     path = Path(data_dir) / "index.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no prepared pairs at {data_dir} (missing {path}): make them with "
             f"`crossflow prepare VIDEOS... --out {data_dir}` (or `make pretrain` for the synthetic demo)"
         )
     index = json.loads(path.read_text())
     if index.get("format") != PAIRS_FORMAT:
-        raise ValueError(f"{path} is not a crossflow pairs index (format {index.get('format')!r})")
+        raise InvalidInputError(f"{path} is not a crossflow pairs index (format {index.get('format')!r})")
     return index
 
 
@@ -112,7 +113,7 @@ class PairShards(Dataset):
                  max_magnitude: float = 56.0, seed: int = 0):
         index = read_index(data_dir)
         if split not in index["splits"] or not index["splits"][split]["shards"]:
-            raise ValueError(f"{data_dir} has no '{split}' shards: prepare more videos or a larger --val-fraction")
+            raise InvalidInputError(f"{data_dir} has no '{split}' shards: prepare more videos or a larger --val-fraction")
         self.shards = [Path(data_dir) / shard["path"] for shard in index["splits"][split]["shards"]]
         self.items: list[tuple[int, str, dict]] = []
         for shard_index, shard in enumerate(self.shards):

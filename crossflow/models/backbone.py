@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.models.alexnet import CONV_LAYERS, AlexNet
 
 BACKBONE_FORMAT = "crossflow-backbone"
@@ -66,12 +67,12 @@ def load_backbone(path: str | os.PathLike | None) -> AlexNet:
         return AlexNet(batch_norm=False).eval()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"backbone file not found: {path} (make one with `crossflow export CHECKPOINT OUT`)")
+        raise MissingInputError(f"backbone file not found: {path} (make one with `crossflow export CHECKPOINT OUT`)")
     record = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(record, dict) or record.get("format") != BACKBONE_FORMAT:
-        raise ValueError(f"{path} is not a crossflow backbone file (make one with `crossflow export CHECKPOINT OUT`)")
+        raise InvalidInputError(f"{path} is not a crossflow backbone file (make one with `crossflow export CHECKPOINT OUT`)")
     if record["format_version"] > BACKBONE_FORMAT_VERSION:
-        raise ValueError(f"{path} has backbone format {record['format_version']}; this crossflow reads up to {BACKBONE_FORMAT_VERSION}: upgrade crossflow")
+        raise InvalidInputError(f"{path} has backbone format {record['format_version']}; this crossflow reads up to {BACKBONE_FORMAT_VERSION}: upgrade crossflow")
     network = AlexNet(batch_norm=False, **record["config"])
     network.load_state_dict(record["state_dict"])
     return network.eval()
