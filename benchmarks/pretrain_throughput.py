@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from crossflow.models.hypercolumn import sparse_hypercolumn
 from crossflow.module import CrossFlowPretraining
 
 CONFIGS = {
@@ -71,7 +70,7 @@ def time_backbone_share(module: CrossFlowPretraining, batch: dict, steps: int, d
 
     def full():
         activations = module.backbone(batch["image"], taps)
-        output = module.head(sparse_hypercolumn(activations, batch["points"], module.geometry, taps))
+        output = module.head.forward_at_points(activations, batch["points"], module.geometry, taps)
         module.objective_loss(output, batch["flow"]).backward()
 
     timings = {}

@@ -17,7 +17,7 @@ from torch import nn
 
 from crossflow.losses import cross_pixel_similarity_loss, flow_classification_loss, flow_target_entropy, flow_to_bins
 from crossflow.models.alexnet import LAYERS, AlexNet, layer_channels, layer_geometry
-from crossflow.models.hypercolumn import HypercolumnMLP, sparse_hypercolumn
+from crossflow.models.hypercolumn import HypercolumnMLP
 
 Objective = Literal["cross_pixel", "flow_classification"]
 
@@ -77,7 +77,7 @@ class CrossFlowPretraining(L.LightningModule):
             image = image.contiguous(memory_format=torch.channels_last)
         taps = self.hparams.taps
         activations = self.backbone(image, taps)
-        output = self.head(sparse_hypercolumn(activations, points, self.geometry, taps))
+        output = self.head.forward_at_points(activations, points, self.geometry, taps)
         if self.hparams.objective == "flow_classification":
             output = output.unflatten(-1, (2, self.hparams.num_bins))
         return output

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from crossflow.errors import InvalidInputError, MissingInputError
+
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -51,7 +53,7 @@ def year_dir(root: str | Path, year: str) -> Path:
     for candidate in (root / "VOCdevkit" / f"VOC{year}", root / f"VOC{year}", root):
         if (candidate / "JPEGImages").is_dir() and candidate.name == f"VOC{year}":
             return candidate
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"PASCAL VOC{year} not found under {root}: expected {root}/VOCdevkit/VOC{year}/JPEGImages; {DOWNLOAD_HINT}"
     )
 
@@ -60,7 +62,7 @@ def read_image_set(voc_dir: Path, split: str, task: str = "Main") -> list[str]:
     """Image ids listed in ``ImageSets/<task>/<split>.txt``."""
     path = Path(voc_dir) / "ImageSets" / task / f"{split}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"VOC image set not found: {path} (expected the standard VOCdevkit layout)")
+        raise MissingInputError(f"VOC image set not found: {path} (expected the standard VOCdevkit layout)")
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -77,7 +79,7 @@ def parse_annotation(path: str | Path) -> VOCAnnotation:
     for obj in root.iter("object"):
         name = obj.findtext("name").strip()
         if name not in VOC_CLASSES:
-            raise ValueError(f"{path}: unknown VOC class {name!r}")
+            raise InvalidInputError(f"{path}: unknown VOC class {name!r}")
         box = obj.find("bndbox")
         annotation.objects.append(
             VOCObject(
@@ -109,7 +111,7 @@ def read_segmentation_mask(path: str | Path) -> np.ndarray:
     """
     with Image.open(path) as image:
         if image.mode != "P":
-            raise ValueError(f"{path}: not a VOC palette PNG (mode {image.mode}, expected 'P')")
+            raise InvalidInputError(f"{path}: not a VOC palette PNG (mode {image.mode}, expected 'P')")
         return np.array(image, dtype=np.uint8)
 
 

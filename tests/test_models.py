@@ -73,6 +73,16 @@ def test_hypercolumn_concatenates_taps_in_order():
     torch.testing.assert_close(columns[:, :, -4096:], activations["fc7"].flatten(1).unsqueeze(1).expand(-1, 9, -1))
 
 
+def test_head_at_points_equals_head_on_the_concatenated_hypercolumn():
+    torch.manual_seed(0)
+    taps = ["conv1", "pool1", "conv3", "pool5", "fc7"]
+    activations = AlexNet().double()(torch.randn(2, 3, 224, 224, dtype=torch.float64), taps)
+    head = HypercolumnMLP(96 + 96 + 384 + 256 + 4096, 16, 4).double()
+    points = torch.rand(2, 7, 2, dtype=torch.float64) * 223
+    expected = head(sparse_hypercolumn(activations, points, layer_geometry(), taps))
+    torch.testing.assert_close(head.forward_at_points(activations, points, layer_geometry(), taps), expected)
+
+
 def test_dense_output_equals_sparse_output_at_every_pixel():
     network, head = AlexNet(), HypercolumnMLP(96 + 384, 8, 3)
     taps = ["conv1", "conv3"]
