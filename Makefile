@@ -31,12 +31,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## install crossflow and its dependencies into .venv (nothing else)
 
-$(DEMO_DIR)/videos/.complete: | $(VENV)/.installed
-	$(CROSSFLOW) synth videos --out $(DEMO_DIR)/videos --num-videos 64 --seed 0
-	@touch $@
+$(DEMO_DIR)/videos/synth.json: | $(VENV)/.installed
+	$(CROSSFLOW) synth videos --out $(DEMO_DIR)/videos --num-videos 256 --seed 0
 
-$(DEMO_DIR)/pairs/index.json: $(DEMO_DIR)/videos/.complete
-	$(CROSSFLOW) prepare $(DEMO_DIR)/videos --out $(DEMO_DIR)/pairs --short-side 144 --frames-per-video 8 --gap 5 --val-fraction 0.15 --workers 2 --seed 0
+$(DEMO_DIR)/pairs/index.json: $(DEMO_DIR)/videos/synth.json
+	$(CROSSFLOW) prepare $(DEMO_DIR)/videos --out $(DEMO_DIR)/pairs --short-side 144 --frames-per-video 8 --gap 5 --val-fraction 0.1 --workers 2 --seed 0
 
 demo-data: $(DEMO_DIR)/pairs/index.json ## synthetic demo videos -> shards (the real prepare pipeline)
 
@@ -57,7 +56,7 @@ benchmark: $(VENV)/.installed ## throughput benchmarks; figures go to benchmarks
 # eval-<name>: fit then test one transfer benchmark on BACKBONE (a backbone file or `random`).
 # DEMO=1 uses configs/eval/demo_<name>.yaml on the synthetic world (generated if absent).
 define eval_target
-$(1): $(VENV)/.installed $(if $(DEMO),$(DEMO_DIR)/$(3)/.complete)
+$(1): $(VENV)/.installed $(if $(DEMO),$(DEMO_DIR)/$(3)/synth.json)
 	$(CROSSFLOW) fit --config configs/eval/$(if $(DEMO),demo_)$(2).yaml --model.init_args.backbone $(BACKBONE) $(if $(DATA),--data.init_args.root $(DATA)) $(ARGS)
 	$(CROSSFLOW) test --config configs/eval/$(if $(DEMO),demo_)$(2).yaml --model.init_args.backbone $(BACKBONE) $(if $(DATA),--data.init_args.root $(DATA)) --ckpt_path last $(ARGS)
 endef
@@ -66,13 +65,11 @@ $(eval $(call eval_target,eval-voc-det,voc07_det,voc))
 $(eval $(call eval_target,eval-voc-seg,voc12_seg,voc))
 $(eval $(call eval_target,eval-linear,in1k_linear,imagenet))
 
-$(DEMO_DIR)/voc/.complete: | $(VENV)/.installed
+$(DEMO_DIR)/voc/synth.json: | $(VENV)/.installed
 	$(CROSSFLOW) synth voc --out $(DEMO_DIR)/voc --num-images 300 --seed 1
-	@touch $@
 
-$(DEMO_DIR)/imagenet/.complete: | $(VENV)/.installed
+$(DEMO_DIR)/imagenet/synth.json: | $(VENV)/.installed
 	$(CROSSFLOW) synth imagenet --out $(DEMO_DIR)/imagenet --seed 2
-	@touch $@
 
 clean: ## remove generated demo data and runs (keeps .venv)
 	rm -rf $(DEMO_DIR) runs wandb

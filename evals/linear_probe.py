@@ -32,6 +32,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
+from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.models.alexnet import layer_channels
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
 from evals.common import backbone_from_spec, write_results
@@ -62,12 +63,12 @@ def probe_features(activations: dict[str, Tensor]) -> dict[str, Tensor]:
 def check_class_folders(split_dir: Path) -> None:
     """A clear error when ``split_dir`` is missing or is the official archive's flat image folder."""
     if not split_dir.is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"ImageNet split not found: expected {split_dir}/<wnid>/*.JPEG (ImageFolder layout: ROOT/train/<wnid>/, "
             f"ROOT/val/<wnid>/); {ARCHIVE_HINT}, and extract them into class folders; {DEMO_HINT}"
         )
     if any(name.startswith("ILSVRC2012_val_") for name in os.listdir(split_dir)):
-        raise ValueError(
+        raise InvalidInputError(
             f"{split_dir} holds the flat ILSVRC2012 validation images; sort them into {split_dir}/<wnid>/ folders with the "
             "devkit's ground truth (ILSVRC2012_validation_ground_truth.txt + meta.mat). One way: move this folder aside, put "
             "ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz in the root, and run "
@@ -84,13 +85,13 @@ class LabelledImageFolder(ImageFolder):
         self.given_classes = list(classes)
         super().__init__(root, transform=transform, allow_empty=True)
         if not self.samples:
-            raise FileNotFoundError(f"no images found under {root}/<class>/")
+            raise MissingInputError(f"no images found under {root}/<class>/")
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         found = {entry.name for entry in os.scandir(directory) if entry.is_dir()}
         unknown = sorted(found - set(self.given_classes))
         if unknown:
-            raise ValueError(f"{directory} has class folders absent from the training classes: {unknown[:5]}")
+            raise InvalidInputError(f"{directory} has class folders absent from the training classes: {unknown[:5]}")
         return self.given_classes, {name: index for index, name in enumerate(self.given_classes)}
 
 
@@ -183,7 +184,7 @@ class LinearProbe(L.LightningModule):
     def setup(self, stage: str) -> None:
         data_classes = getattr(self.trainer.datamodule, "num_classes", self.hparams.num_classes)
         if data_classes != self.hparams.num_classes:
-            raise ValueError(f"the data has {data_classes} classes but model.num_classes is {self.hparams.num_classes}")
+            raise InvalidInputError(f"the data has {data_classes} classes but model.num_classes is {self.hparams.num_classes}")
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``images [B, 3, S, S]`` -> ``{tap: logits [B, num_classes]}``."""
