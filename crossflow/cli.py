@@ -45,8 +45,10 @@ def lightning_main(args: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; ``argv`` defaults to the command line."""
     os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; WANDB_MODE=online streams
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if from_command_line else argv)
     if argv and argv[0] in TOOLS:
         import importlib
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  fit, validate, test, predict: Lightning's CLI (`crossflow fit --help`)")
         return 0
     try:
-        lightning_main(argv)
+        lightning_main(None if from_command_line else argv)
     except UserInputError as error:
         print(f"crossflow {argv[0]}: error: {error}", file=sys.stderr)
         return 2
