@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def write_results(trainer: L.Trainer, benchmark: str, metrics: dict, per_class: 
     Returns the path. ``metrics`` maps names to floats; ``per_class`` maps metric names to {class: value}.
     """
     path = Path(trainer.default_root_dir) / "results.json"
+    per_class = {metric: {k: _json_number(v) for k, v in values.items()} for metric, values in per_class.items()}
     record = {"benchmark": benchmark, "metrics": metrics, "per_class": per_class, **backbone_identity(backbone), "config": config}
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +43,12 @@ def write_results(trainer: L.Trainer, benchmark: str, metrics: dict, per_class: 
         os.replace(partial, path)
         log_per_class_tables(trainer, per_class)
     return path
+
+
+def _json_number(value) -> float | None:
+    """NaN (e.g. the IU of a class absent from the set) becomes JSON null: strict parsers reject NaN."""
+    value = float(value)
+    return None if math.isnan(value) else value
 
 
 def log_per_class_tables(trainer: L.Trainer, per_class: dict) -> None:
@@ -53,5 +61,6 @@ def log_per_class_tables(trainer: L.Trainer, per_class: dict) -> None:
         import wandb
 
         for metric, values in per_class.items():
-            table = wandb.Table(data=[[name, float(value)] for name, value in values.items()], columns=["class", metric])
+            rows = [[name, value] for name, value in values.items() if value is not None]
+            table = wandb.Table(data=rows, columns=["class", metric])
             logger.experiment.log({f"per_class/{metric}": wandb.plot.bar(table, "class", metric, title=metric)})

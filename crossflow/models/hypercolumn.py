@@ -36,8 +36,12 @@ def sparse_hypercolumn(
     geometry: Mapping[str, tuple[float, float]],
     taps: list[str] | tuple[str, ...],
 ) -> torch.Tensor:
-    """Concatenate ``taps`` sampled at ``points [B, N, 2]`` -> ``[B, N, sum(C_tap)]``."""
-    return torch.cat([sample_at_points(activations[t], points, *geometry[t]) for t in taps], dim=-1)
+    """Concatenate ``taps`` sampled at ``points [B, N, 2]`` -> ``[B, N, sum(C_tap)]``.
+
+    (Concatenated channel-first, then viewed as ``[B, N, C]``: faster than joining transposed views.)
+    """
+    sampled = [sample_at_points(activations[t], points, *geometry[t]).transpose(1, 2) for t in taps]
+    return torch.cat(sampled, dim=1).transpose(1, 2)
 
 
 def pixel_grid_chunks(height: int, width: int, chunk: int, device=None) -> Iterator[torch.Tensor]:
