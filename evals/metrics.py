@@ -87,3 +87,6 @@ class VOCClassificationAP(Metric):
             per_class.append(average_precision(scores[kept, c], positive))
         ap = torch.stack(per_class)
         return ap.mean() if self.average == "macro" else ap
+
+
+from evals.det_metrics import VOCDetectionAP  # noqa: E402,F401  (evals.metrics.VOCDetectionAP)
