@@ -109,6 +109,7 @@ class ProposalStore:
                 _compute_one(job)
                 progress.update()
         else:
+            # spawn, not fork: forking a process that already runs torch/OpenMP threads can deadlock the children
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 for _ in pool.imap_unordered(_compute_one, jobs, chunksize=4):
                     progress.update()

@@ -195,3 +195,9 @@ def test_syncs_across_processes(tmp_path):
         results = torch.load(tmp_path / f"rank{rank}.pt")
         for result in results.values():
             np.testing.assert_allclose(result["ap_per_class"].numpy(), expected, rtol=1e-6)
+
+
+def test_exposed_as_evals_metrics_voc_detection_ap():
+    from evals import metrics
+
+    assert metrics.VOCDetectionAP is VOCDetectionAP
