@@ -4,6 +4,7 @@ export with BN folding, the run summary, and the errors a user meets."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -99,10 +100,10 @@ def test_summary_reports_losses_sigma_and_grouping_auc(demo_run, capsys):
     printed = capsys.readouterr().out
     for line in ("val loss", "minus H(S_f)", "sigma^2", "grouping AUC", "backbone"):
         assert line in printed
-    summary = __import__("json").loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert 0.0 <= summary["grouping_auc"]["initial"] <= 1.0 and 0.0 <= summary["grouping_auc"]["trained"] <= 1.0
     (loss0, excess0), (loss1, excess1) = summary["val_loss"]["initial"], summary["val_loss"]["trained"]
-    assert excess0 >= 0 and excess1 >= 0 and loss0 > excess0
+    assert excess0 >= 0 and excess1 >= 0 and loss0 > excess0 and loss1 > excess1
 
 
 def test_missing_data_folder_is_one_line_naming_the_command(tmp_path, capsys, monkeypatch):
