@@ -1,7 +1,6 @@
 """crossflow.flow: file formats, eq. 6 normalisation, and the estimators on real ground truth."""
 
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,7 +19,9 @@ from crossflow.flow import (
     write_flow,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from .conftest import SHARED_DATA
+
+DATA = SHARED_DATA
 MIDDLEBURY = DATA / "flow" / "middlebury"
 KITTI = DATA / "flow" / "kitti"
 SEQUENCES = ("Dimetrodon", "Grove2", "Hydrangea", "RubberWhale", "Urban2")

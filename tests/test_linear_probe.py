@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 from crossflow.cli import main as crossflow_main
 from evals.linear_probe import PROBE_SIZES, ImageNetData, LabelledImageFolder, LinearProbe, probe_dims, probe_features
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_IMAGENET = REPO.parent / "shared" / "data" / "imagenet"
+from .conftest import REPO, SHARED_DATA
+
+SHARED_IMAGENET = SHARED_DATA / "imagenet"
 needs_shared_imagenet = pytest.mark.skipif(not SHARED_IMAGENET.is_dir(), reason=f"real ImageNet samples not found at {SHARED_IMAGENET}")
 
 

@@ -19,7 +19,9 @@ import webdataset as wds
 from crossflow.data import prepare
 from crossflow.flow import decode_kitti_png_bytes, estimate_flow
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from .conftest import SHARED_DATA
+
+DATA = SHARED_DATA
 VIDEOS = DATA / "video"
 REAL = ("realshort.mp4", "carphone_pristine.mp4", "megamind_cg.avi", "bikes.mp4", "chaplin.mp4")
 BROKEN = {  # file -> start of its skip reason

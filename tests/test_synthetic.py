@@ -16,7 +16,9 @@ from crossflow.data.render import CLASSES, Scene, SceneObject, affine, ground_tr
 from crossflow.data.synthetic import PALETTE, main
 from crossflow.flow import read_flow
 
-REAL_VOC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "voc" / "VOCdevkit"
+from .conftest import SHARED_DATA
+
+REAL_VOC = SHARED_DATA / "voc" / "VOCdevkit"
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -13,8 +13,9 @@ from crossflow.cli import main as crossflow_main
 from evals.voc import VOC_CLASSES, year_dir
 from evals.voc07_cls import RandomScaleCrop, VOC07Classification, VOC07ClassificationData, VOCClassificationDataset, sigmoid_cross_entropy
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_VOC = REPO.parent / "shared" / "data" / "voc"
+from .conftest import REPO, SHARED_DATA
+
+SHARED_VOC = SHARED_DATA / "voc"
 needs_shared_voc = pytest.mark.skipif(not SHARED_VOC.is_dir(), reason=f"real VOC samples not found at {SHARED_VOC}")
 
 
