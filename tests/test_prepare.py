@@ -91,7 +91,7 @@ def baseline(videos, tmp_path_factory):
 
 def test_counts_and_skip_reasons(baseline, capsys):
     index = json.loads((baseline / "index.json").read_text())
-    assert index["format"] == "crossflow-pairs" and index["format_version"] == 1
+    assert index["format"] == "crossflow-pairs" and index["format_version"] == 2
     counts = index["counts"]
     assert (counts["videos"], counts["videos_ok"], counts["videos_skipped"]) == (11, 5, 6)
     assert counts["pairs"] == index["splits"]["train"]["num_samples"] + index["splits"]["val"]["num_samples"]
@@ -123,7 +123,7 @@ def test_samples_hold_the_frame_its_flow_and_meta(baseline):
             meta = json.loads(sample["meta.json"])
             assert re.fullmatch(r"[0-9a-f]{16}_\d{6}", sample["__key__"])
             assert sample["__key__"] == f"{meta['video_id']}_{meta['t']:06d}"
-            assert meta["video_id"] == prepare.video_id(meta["source"]) and meta["estimator"] == method
+            assert meta["video_id"] == prepare.video_id(meta["name"]) and meta["estimator"] == method
             assert meta["gap"] == 5 and meta["t"] + 5 < meta["num_frames"] and meta["fps"] > 0
             frame = cv2.imdecode(np.frombuffer(sample["frame.jpg"], np.uint8), cv2.IMREAD_COLOR)
             flow, valid = decode_kitti_png_bytes(sample["flow.png"])
@@ -150,9 +150,20 @@ def test_split_is_by_video(baseline, videos):
     produced = ids["train"] | ids["val"]
     assert len(produced) >= 3 and not ids["train"] & ids["val"]
     # the split is drawn over every input video, broken ones included (those then yield no pairs)
-    expected = prepare.split_videos(prepare.find_videos([str(videos)]), 7, 0.3)
+    names = prepare.video_names(prepare.find_videos([str(videos)]))
+    expected = prepare.split_videos(names, 7, 0.3)
     for split in ("train", "val"):
-        assert ids[split] == {prepare.video_id(v) for v in expected[split]} & produced
+        assert ids[split] == {prepare.video_id(names[v]) for v in expected[split]} & produced
+
+
+def test_ids_split_and_frames_do_not_depend_on_where_the_tree_lives():
+    clips = ["a.mp4", "sub/b.avi", "sub/deeper/c.mkv", "d.webm"]
+    here, there = ([f"{root}/{clip}" for clip in clips] for root in ("/data/videos", "/mnt/node7/scratch/v"))
+    names_here, names_there = prepare.video_names(here), prepare.video_names(there)
+    assert list(names_here.values()) == list(names_there.values()) == clips
+    relative = {split: [names_here[v] for v in paths] for split, paths in prepare.split_videos(names_here, 3, 0.5).items()}
+    assert relative == {split: [names_there[v] for v in paths] for split, paths in prepare.split_videos(names_there, 3, 0.5).items()}
+    assert prepare.video_names(["/data/videos/one.mp4"]) == {"/data/videos/one.mp4": "one.mp4"}
 
 
 def test_same_options_give_the_same_bytes_with_more_workers(baseline, videos, tmp_path):

@@ -9,11 +9,13 @@ Layout of ``DIR``::
     skipped.jsonl                 skipped videos and pairs, with reasons
     index.json                    what the training DataModule reads
 
-Videos are split by video (a hash of seed and path), ordered by video id and cut into fixed groups
+Videos are split by video (a hash of seed and name), ordered by video id and cut into fixed groups
 of ``round(shard_size / frames_per_video)`` videos; a group makes one shard. Groups depend only on
 the video list and the options, so a rerun skips finished groups (resume), ``--num-tasks T`` runs
 every T-th group, and every way of running writes the same bytes (tar mtime 0, one OpenCV thread
-per process). ``video-id`` is the first 16 hex digits of sha256 of the absolute video path.
+per process). A video's name is its path relative to the deepest folder holding all the videos, so
+ids, split and frames stay the same when the video tree moves (another mount point, a copy);
+``video-id`` is the first 16 hex digits of sha256 of the name.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from crossflow.flow import FLOW_METHODS, encode_kitti_png_bytes, estimate_flow, 
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ogv")
 SPLITS = ("train", "val")
-FORMAT, FORMAT_VERSION = "crossflow-pairs", 1
+FORMAT, FORMAT_VERSION = "crossflow-pairs", 2  # 2: video ids hash names relative to the video root
 JPEG_QUALITY = 95
 MIN_FRAME_STD = 2.0  # grey levels: a flatter frame (black, blank, deep fade) gives no usable flow
 VIDEO_LIST_KEYS = ("inputs", "num_videos", "videos_sha256")  # settings compared as one "video list"
@@ -95,23 +97,30 @@ def _digest(*parts) -> bytes:
     return hashlib.sha256("\0".join(map(str, parts)).encode()).digest()
 
 
-def video_id(path: str) -> str:
-    """16 hex digits of sha256 of the video's path: stable across runs and machines."""
-    return hashlib.sha256(path.encode()).hexdigest()[:16]
+def video_names(videos: list[str]) -> dict[str, str]:
+    """{absolute path: path relative to the deepest folder that holds every video}."""
+    root = os.path.commonpath(videos) if len(videos) > 1 else os.path.dirname(videos[0])
+    return {v: os.path.relpath(v, root) for v in videos}
 
 
-def split_videos(videos: list[str], seed: int, val_fraction: float) -> dict[str, list[str]]:
-    """Train/val by video: val when a uniform hash of (seed, path) is below ``val_fraction``.
+def video_id(name: str) -> str:
+    """16 hex digits of sha256 of the video's name: stable across runs, machines and mount points."""
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
 
-    When ``val_fraction > 0`` draws no video (small sets), the video with the lowest hash goes
-    to val, so val is never empty for two or more videos. Each split is ordered by video id.
+
+def split_videos(names: dict[str, str], seed: int, val_fraction: float) -> dict[str, list[str]]:
+    """Train/val paths by video: val when a uniform hash of (seed, name) is below ``val_fraction``.
+
+    ``names`` maps path -> name (``video_names``). When ``val_fraction > 0`` draws no video (small
+    sets), the video with the lowest hash goes to val, so val is never empty for two or more
+    videos. Each split is ordered by video id.
     """
-    score = {v: int.from_bytes(_digest(seed, "split", v)[:8], "big") / 2**64 for v in videos}
-    val = {v for v in videos if score[v] < val_fraction}
-    if val_fraction > 0 and not val and len(videos) > 1:
-        val = {min(videos, key=score.__getitem__)}
-    train = [v for v in videos if v not in val]
-    return {"train": sorted(train, key=video_id), "val": sorted(val, key=video_id)}
+    score = {v: int.from_bytes(_digest(seed, "split", name)[:8], "big") / 2**64 for v, name in names.items()}
+    val = {v for v in names if score[v] < val_fraction}
+    if val_fraction > 0 and not val and len(names) > 1:
+        val = {min(names, key=score.__getitem__)}
+    train = [v for v in names if v not in val]
+    return {split: sorted(paths, key=lambda v: video_id(names[v])) for split, paths in (("train", train), ("val", val))}
 
 
 @dataclass(frozen=True)
@@ -145,12 +154,12 @@ def plan_groups(splits: dict[str, list[str]], videos_per_group: int) -> list[Gro
     return groups
 
 
-def sample_times(path: str, num_frames: int, frames_per_video: int, gap: int, seed: int) -> list[int]:
-    """Sorted distinct t with ``t + gap < num_frames``, fixed by (seed, path); all of them when few."""
+def sample_times(name: str, num_frames: int, frames_per_video: int, gap: int, seed: int) -> list[int]:
+    """Sorted distinct t with ``t + gap < num_frames``, fixed by (seed, name); all of them when few."""
     valid = num_frames - gap
     if valid <= frames_per_video:
         return list(range(max(valid, 0)))
-    rng = np.random.default_rng(int.from_bytes(_digest(seed, "frames", path)[:8], "big"))
+    rng = np.random.default_rng(int.from_bytes(_digest(seed, "frames", name)[:8], "big"))
     return sorted(rng.choice(valid, size=frames_per_video, replace=False).tolist())
 
 
@@ -162,6 +171,7 @@ class VideoJob:
     """What a worker needs to turn one video into samples."""
 
     path: str
+    name: str
     split: str
     method: str
     params: dict
@@ -176,6 +186,7 @@ class VideoResult:
     """One video's samples, or why it (or some of its pairs) was skipped."""
 
     path: str
+    name: str
     samples: list[dict] = field(default_factory=list)
     skipped_pairs: list[dict] = field(default_factory=list)  # {"t", "reason"}
     reason: str | None = None  # why the whole video was skipped
@@ -187,9 +198,9 @@ def process_video(job: VideoJob) -> VideoResult:
     try:
         return _process_video(job)
     except SkipVideo as skip:
-        return VideoResult(job.path, reason=str(skip))
+        return VideoResult(job.path, job.name, reason=str(skip))
     except Exception as error:  # one bad file must not stop the run
-        return VideoResult(job.path, reason=f"error: {type(error).__name__}: {error}")
+        return VideoResult(job.path, job.name, reason=f"error: {type(error).__name__}: {error}")
 
 
 def _process_video(job: VideoJob) -> VideoResult:
@@ -200,9 +211,9 @@ def _process_video(job: VideoJob) -> VideoResult:
     num_frames, fps = count_frames(job.path)
     if num_frames <= job.gap:
         raise SkipVideo(f"too short: {num_frames} decodable frames, need more than --gap {job.gap}")
-    times = sample_times(job.path, num_frames, job.frames_per_video, job.gap, job.seed)
+    times = sample_times(job.name, num_frames, job.frames_per_video, job.gap, job.seed)
     frames = read_frames(job.path, times + [t + job.gap for t in times])
-    result = VideoResult(job.path, num_frames=num_frames)
+    result = VideoResult(job.path, job.name, num_frames=num_frames)
     for t in times:
         if t not in frames or t + job.gap not in frames:
             result.skipped_pairs.append({"t": t, "reason": "frame not decodable on the second read"})
@@ -271,7 +282,8 @@ def resize_short_side(frame: np.ndarray, short_side: int) -> np.ndarray:
 def _meta(job: VideoJob, t: int, fps: float, num_frames: int, original: tuple, stored: tuple) -> dict:
     return {
         "source": job.path,
-        "video_id": video_id(job.path),
+        "name": job.name,
+        "video_id": video_id(job.name),
         "t": t,
         "gap": job.gap,
         "fps": fps,
@@ -390,7 +402,7 @@ def write_group(out: Path, group: Group, results: Iterable[VideoResult], on_vide
 
 
 def _skip_entries(result: VideoResult, split: str) -> list[dict]:
-    base = {"path": result.path, "video_id": video_id(result.path), "split": split}
+    base = {"path": result.path, "video_id": video_id(result.name), "split": split}
     if result.reason:
         return [{**base, "reason": result.reason}]
     return [{**base, **entry} for entry in result.skipped_pairs]
@@ -481,6 +493,7 @@ def make_settings(args: argparse.Namespace, videos: list[str]) -> dict:
     method, params = parse_method(args.method)
     val_method, val_params = parse_method(args.val_method or args.method)
     return {
+        "format_version": FORMAT_VERSION,
         "inputs": [os.path.abspath(item) for item in args.inputs],
         "num_videos": len(videos),
         "videos_sha256": hashlib.sha256("\n".join(videos).encode()).hexdigest(),
@@ -585,20 +598,21 @@ def _prepare(args: argparse.Namespace) -> int:
     _quiet_decoders()
     videos = find_videos(args.inputs)
     settings = make_settings(args, videos)
-    splits = split_videos(videos, args.seed, args.val_fraction)
+    names = video_names(videos)
+    splits = split_videos(names, args.seed, args.val_fraction)
     groups = plan_groups(splits, max(1, round(args.shard_size / args.frames_per_video)))
     args.out.mkdir(parents=True, exist_ok=True)
     _check_or_write_plan(args.out, settings, groups)
     todo = [group for group in groups[args.task_index :: args.num_tasks] if not _is_done(args.out, group)]
-    pairs = _process_groups(args.out, todo, settings, args.workers, f"prepare {args.task_index + 1}/{args.num_tasks}")
+    pairs = _process_groups(args.out, todo, names, settings, args.workers, f"prepare {args.task_index + 1}/{args.num_tasks}")
     elapsed = time.perf_counter() - start
     print(f"this run: {pairs} pairs from {sum(len(g.videos) for g in todo)} videos in {elapsed:.1f} s ({pairs / elapsed:.2f} pairs/s)")
     return _merge(args.out, waiting_ok=True)
 
 
-def _process_groups(out: Path, groups: list[Group], settings: dict, workers: int, desc: str) -> int:
-    """Process and write ``groups``; returns the number of pairs written."""
-    jobs = [_job(path, group.split, settings) for group in groups for path in group.videos]
+def _process_groups(out: Path, groups: list[Group], names: dict[str, str], settings: dict, workers: int, desc: str) -> int:
+    """Process and write ``groups`` (``names``: path -> video name); returns the number of pairs written."""
+    jobs = [_job(path, names[path], group.split, settings) for group in groups for path in group.videos]
     counts = {"pairs": 0, "skipped": 0}
     with tqdm(total=len(jobs), desc=desc, unit="video", mininterval=1.0) as bar:
 
@@ -614,10 +628,10 @@ def _process_groups(out: Path, groups: list[Group], settings: dict, workers: int
     return counts["pairs"]
 
 
-def _job(path: str, split: str, settings: dict) -> VideoJob:
+def _job(path: str, name: str, split: str, settings: dict) -> VideoJob:
     prefix = "val_" if split == "val" else ""
     return VideoJob(
-        path, split, settings[prefix + "method"], settings[prefix + "method_params"],
+        path, name, split, settings[prefix + "method"], settings[prefix + "method_params"],
         settings["frames_per_video"], settings["gap"], settings["short_side"], settings["seed"],
     )
 
