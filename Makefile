@@ -12,8 +12,20 @@ DEMO_RUN ?= runs/pretrain/demo
 BACKBONE ?= $(DEMO_RUN)/backbone.pt
 DEMO ?=
 ARGS ?=
+# Eval runs go to runs/eval/$(RUN_NAME)/<benchmark>, so results of several backbones sit side by side.
+# (an absolute path loses its leading /: a name starting with - would be read as an option)
+RUN_NAME ?= $(subst /,-,$(patsubst /%,%,$(basename $(BACKBONE))))
+REPRO ?= runs/reproduce
+REPRO_ROWS ?= random random-rescaled flow_classification cross_pixel
+REPRO_BENCHMARKS ?= voc07_cls voc07_det voc12_seg in1k_linear
+REPRO_SEEDS ?= 0
+REPRO_PRETRAIN_ARGS ?=
+REPRO_EVAL_ARGS ?=
+DEMO_VIDEOS ?= 256
+DEMO_IMAGES ?= 300
+DEMO_IMAGES_PER_CLASS ?= 100
 
-.PHONY: help setup pretrain test test-fast benchmark demo-data eval-voc-cls eval-voc-det eval-voc-seg eval-linear clean
+.PHONY: help setup pretrain test test-fast benchmark demo-data eval-voc-cls eval-voc-det eval-voc-seg eval-linear tables reproduce-demo clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -21,7 +33,7 @@ help: ## list the targets
 	@echo "  make eval-voc-det   VOC07 Fast R-CNN detection mAP"
 	@echo "  make eval-voc-seg   VOC12 hypercolumn segmentation mean IU"
 	@echo "  make eval-linear    ImageNet linear probes on conv1..conv5"
-	@echo "  variables: BACKBONE=<backbone file|random> DATA=<dataset folder> DEMO=1 ARGS='--trainer.max_steps 10'"
+	@echo "  variables: BACKBONE=<backbone file|torchvision AlexNet .pth|random|random-rescaled> DATA=<dataset folder> DEMO=1 ARGS='--trainer.max_steps 10'"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +44,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed ## install crossflow and its dependencies into .venv (nothing else)
 
 $(DEMO_DIR)/videos/synth.json: | $(VENV)/.installed
-	$(CROSSFLOW) synth videos --out $(DEMO_DIR)/videos --num-videos 256 --seed 0
+	$(CROSSFLOW) synth videos --out $(DEMO_DIR)/videos --num-videos $(DEMO_VIDEOS) --seed 0
 
 $(DEMO_DIR)/pairs/index.json: $(DEMO_DIR)/videos/synth.json
 	$(CROSSFLOW) prepare $(DEMO_DIR)/videos --out $(DEMO_DIR)/pairs --short-side 144 --frames-per-video 8 --gap 5 --val-fraction 0.1 --workers 2 --seed 0
@@ -57,19 +69,42 @@ benchmark: $(VENV)/.installed ## throughput benchmarks; figures go to benchmarks
 # DEMO=1 uses configs/eval/demo_<name>.yaml on the synthetic world (generated if absent).
 define eval_target
 $(1): $(VENV)/.installed $(if $(DEMO),$(DEMO_DIR)/$(3)/synth.json)
-	$(CROSSFLOW) fit --config configs/eval/$(if $(DEMO),demo_)$(2).yaml --model.init_args.backbone $(BACKBONE) $(if $(DATA),--data.init_args.root $(DATA)) $(ARGS)
-	$(CROSSFLOW) test --config configs/eval/$(if $(DEMO),demo_)$(2).yaml --model.init_args.backbone $(BACKBONE) $(if $(DATA),--data.init_args.root $(DATA)) --ckpt_path last $(ARGS)
+	$(CROSSFLOW) fit --config configs/eval/$(if $(DEMO),demo_)$(2).yaml --model.init_args.backbone $(BACKBONE) $(if $(DATA),--data.init_args.root $(DATA)) --trainer.default_root_dir runs/eval/$(RUN_NAME)/$(if $(DEMO),demo_)$(2) --trainer.logger.init_args.name $(RUN_NAME)-$(if $(DEMO),demo_)$(2) $(ARGS)
+	$(CROSSFLOW) test --config configs/eval/$(if $(DEMO),demo_)$(2).yaml --model.init_args.backbone $(BACKBONE) $(if $(DATA),--data.init_args.root $(DATA)) --trainer.default_root_dir runs/eval/$(RUN_NAME)/$(if $(DEMO),demo_)$(2) --trainer.logger.init_args.name $(RUN_NAME)-$(if $(DEMO),demo_)$(2) --ckpt_path last $(ARGS)
 endef
 $(eval $(call eval_target,eval-voc-cls,voc07_cls,voc))
 $(eval $(call eval_target,eval-voc-det,voc07_det,voc))
 $(eval $(call eval_target,eval-voc-seg,voc12_seg,voc))
 $(eval $(call eval_target,eval-linear,in1k_linear,imagenet))
 
+tables: $(VENV)/.installed ## Tables 1 and 2 (markdown) from every results.json under runs/eval
+	$(CROSSFLOW) report runs/eval --out runs/eval/tables.md
+
+# reproduce-demo: pretrain the cross-pixel model and the direct baseline on the synthetic world with
+# the same budget, evaluate them and the random backbones on the four demo benchmarks, write the tables.
+# Each eval lands in $(REPRO)/<row>/<benchmark>/seed<S>/results.json; an interrupted run resumes.
+repro_backbone = $(if $(filter random random-rescaled,$(1)),$(1),$(REPRO)/pretrain/$(1)/backbone.pt)
+repro_data = $(DEMO_DIR)/$(if $(filter in1k_linear,$(1)),imagenet,voc)/synth.json
+
+$(REPRO)/pretrain/%/backbone.pt: $(DEMO_DIR)/pairs/index.json
+	$(CROSSFLOW) fit --config configs/pretrain/demo.yaml --model.init_args.objective $* --trainer.default_root_dir $(REPRO)/pretrain/$* --trainer.logger.init_args.name reproduce-$* $(REPRO_PRETRAIN_ARGS)
+	$(CROSSFLOW) export $(REPRO)/pretrain/$*/checkpoints/best.ckpt $@
+
+define repro_eval
+$(REPRO)/$(1)/$(2)/seed$(3)/results.json: $(filter %.pt,$(call repro_backbone,$(1))) $(call repro_data,$(2))
+	$(CROSSFLOW) fit --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(1)-$(2)-seed$(3) $(REPRO_EVAL_ARGS)
+	$(CROSSFLOW) test --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(1)-$(2)-seed$(3) --ckpt_path last $(REPRO_EVAL_ARGS)
+endef
+$(foreach row,$(REPRO_ROWS),$(foreach bench,$(REPRO_BENCHMARKS),$(foreach seed,$(REPRO_SEEDS),$(eval $(call repro_eval,$(row),$(bench),$(seed))))))
+
+reproduce-demo: $(foreach row,$(REPRO_ROWS),$(foreach bench,$(REPRO_BENCHMARKS),$(foreach seed,$(REPRO_SEEDS),$(REPRO)/$(row)/$(bench)/seed$(seed)/results.json))) ## the paper's comparison on the synthetic world (about an hour on 2 cores)
+	$(CROSSFLOW) report $(REPRO) --out $(REPRO)/tables.md
+
 $(DEMO_DIR)/voc/synth.json: | $(VENV)/.installed
-	$(CROSSFLOW) synth voc --out $(DEMO_DIR)/voc --num-images 300 --seed 1
+	$(CROSSFLOW) synth voc --out $(DEMO_DIR)/voc --num-images $(DEMO_IMAGES) --seed 1
 
 $(DEMO_DIR)/imagenet/synth.json: | $(VENV)/.installed
-	$(CROSSFLOW) synth imagenet --out $(DEMO_DIR)/imagenet --seed 2
+	$(CROSSFLOW) synth imagenet --out $(DEMO_DIR)/imagenet --images-per-class $(DEMO_IMAGES_PER_CLASS) --seed 2
 
 clean: ## remove generated demo data and runs (keeps .venv)
 	rm -rf $(DEMO_DIR) runs wandb

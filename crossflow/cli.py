@@ -2,7 +2,7 @@
 
 ``crossflow fit|validate|test|predict --config X.yaml`` is Lightning's CLI, with the model
 and data module chosen by ``class_path`` (pretraining and every eval run through it);
-``crossflow prepare|synth|export|summary`` are the data and export tools.
+``crossflow prepare|synth|export|summary|visualize`` are the data, export and inspection tools.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ TOOLS = {
     "synth": ("crossflow.data.synthetic", "generate the synthetic world (videos, VOC, ImageFolder)"),
     "export": ("crossflow.export", "checkpoint -> backbone file with batch norm folded"),
     "summary": ("crossflow.summary", "a pretraining run's summary: losses, sigma^2, object-grouping AUC"),
+    "visualize": ("crossflow.visualize", "pictures of a checkpoint: embeddings as RGB, kernel rows, conv5 stimuli"),
+    "report": ("crossflow.report", "the paper's Tables 1 and 2 from the evals' results.json files"),
 }
 
 
@@ -39,7 +41,7 @@ def lightning_main(args: list[str] | None = None) -> None:
         subclass_mode_data=True,
         save_config_callback=UploadConfigCallback,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         args=args,
     )
 
@@ -70,10 +72,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         lightning_main(None if from_command_line else argv)
-    except UserInputError as error:
-        print(f"crossflow {argv[0]}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        cause = user_input_cause(error)
+        if cause is None:
+            raise
+        print(f"crossflow {argv[0]}: error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def user_input_cause(error: BaseException | None) -> UserInputError | None:
+    """The :class:`UserInputError` behind ``error``, if any (jsonargparse re-raises an error of a model's or data
+    module's constructor as a ``ValueError`` caused by it)."""
+    while error is not None and not isinstance(error, UserInputError):
+        error = error.__cause__
+    return error
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from crossflow.losses import cross_pixel_similarity_loss, flow_classification_loss, flow_target_entropy, flow_to_bins
-from crossflow.models.alexnet import LAYERS, AlexNet, layer_channels, layer_geometry
-from crossflow.models.hypercolumn import HypercolumnMLP
+from crossflow.models.alexnet import LAYERS, AlexNet
+from crossflow.models.hypercolumn import HypercolumnMLP, dense_head_output
 
 Objective = Literal["cross_pixel", "flow_classification"]
 
@@ -28,7 +28,7 @@ class CrossFlowPretraining(L.LightningModule):
     Args:
         objective: ``cross_pixel`` (paper) or ``flow_classification`` (direct baseline).
         taps: backbone layers in the hypercolumn (paper: conv1, pool1, conv3, pool5, fc7;
-            fc6/fc7 need inputs of at least 209 px, where pool5 is 6x6).
+            fc6/fc7 need inputs of at least 193 px, where pool5 is 6x6).
         hidden_dim: width of the MLP's hidden layer.
         embedding_dim: D of the embedding (paper: 16).
         num_bins: K bins per flow component for ``flow_classification``.
@@ -58,10 +58,9 @@ class CrossFlowPretraining(L.LightningModule):
         self.backbone = AlexNet(batch_norm=True, groups=groups)
         for name in LAYERS[max(LAYERS.index(t) for t in taps) + 1 :]:
             self.backbone.layers[name].requires_grad_(False)  # never run: no gradient, and DDP sees no unused parameter
-        self.geometry = layer_geometry(groups)
-        channels = layer_channels(groups)
+        self.geometry = self.backbone.geometry
         out_dim = embedding_dim if objective == "cross_pixel" else 2 * num_bins
-        self.head = HypercolumnMLP(sum(channels[t] for t in taps), hidden_dim, out_dim)
+        self.head = HypercolumnMLP(sum(self.backbone.channels[t] for t in taps), hidden_dim, out_dim)
         self.log_sigma2 = nn.Parameter(torch.tensor(math.log(sigma2_init)), requires_grad=objective == "cross_pixel")
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
@@ -81,6 +80,19 @@ class CrossFlowPretraining(L.LightningModule):
         if self.hparams.objective == "flow_classification":
             output = output.unflatten(-1, (2, self.hparams.num_bins))
         return output
+
+    @torch.no_grad()
+    def dense_output(self, images: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """The head at every pixel, ``chunk`` pixels at a time (:func:`dense_head_output`, as the segmentation eval):
+        images ``[B, 3, H, W]`` -> ``[B, D, H, W]`` (or ``[B, 2K, H, W]`` logits for ``flow_classification``)."""
+        taps = self.hparams.taps
+        return dense_head_output(self.backbone(images, taps), self.geometry, taps, self.head, tuple(images.shape[-2:]), chunk)
+
+    def dense_embeddings(self, images: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Unit embeddings ``phi_p / ||phi_p||`` at every pixel: ``[B, 3, H, W]`` -> ``[B, D, H, W]`` (no gradient)."""
+        if self.hparams.objective != "cross_pixel":
+            raise ValueError("a flow_classification (direct baseline) model has no embedding: its head predicts flow bins")
+        return torch.nn.functional.normalize(self.dense_output(images, chunk), dim=1)
 
     def objective_loss(self, output: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         if self.hparams.objective == "cross_pixel":

@@ -1,31 +1,92 @@
-"""What every transfer evaluation shares: the backbone argument and the results file."""
+"""What every transfer evaluation shares: the backbone argument, its rescaling, and the results file.
+
+The backbone argument (``--model.init_args.backbone SPEC``) of every eval is one of
+
+- ``random``: our AlexNet at its random initialisation (the paper's "Random" row);
+- ``random-rescaled``: the same, rescaled by Kraehenbuehl et al.'s data-dependent procedure
+  (:mod:`crossflow.models.rescale`) on the eval's own training images when fitting starts
+  (:func:`setup_backbone`; the "Random-rescaled" row);
+- a file: a crossflow backbone (``crossflow export``) or torchvision's ImageNet AlexNet
+  ``state_dict`` (e.g. ``alexnet-owt-7be5be79.pth``, the "Class Labels" row), see
+  :func:`crossflow.models.load_backbone`.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
 from crossflow.models import load_backbone
-from crossflow.models.alexnet import AlexNet
-from crossflow.models.backbone import file_sha256
+from crossflow.models.alexnet import CONV_LAYERS, AlexNet
+from crossflow.models.backbone import file_sha256, read_backbone_file
+from crossflow.models.rescale import data_dependent_rescale
 
 RANDOM_BACKBONE = "random"
+RESCALED_BACKBONE = "random-rescaled"
+RESCALE_IMAGES = 160  # magic_init's example: 10 batches of 16 images
+RESCALE_SEED = 0
 
 
 def backbone_from_spec(spec: str | None) -> AlexNet:
-    """``"random"`` (or None) -> the random initialisation; otherwise an exported backbone file."""
-    return load_backbone(None if spec in (None, RANDOM_BACKBONE) else spec)
+    """``"random"``, ``"random-rescaled"`` (or None) -> the random initialisation (the rescaling happens in
+    :func:`setup_backbone`); otherwise a backbone file (crossflow or torchvision format)."""
+    return load_backbone(None if spec in (None, RANDOM_BACKBONE, RESCALED_BACKBONE) else spec)
 
 
 def backbone_identity(spec: str | None) -> dict:
-    """What results.json records about the backbone: its path and the file's SHA-256."""
-    if spec in (None, RANDOM_BACKBONE):
-        return {"backbone": RANDOM_BACKBONE, "backbone_sha256": None}
-    return {"backbone": str(spec), "backbone_sha256": file_sha256(spec)}
+    """What results.json records about the backbone: ``backbone`` (the spec: ``random``, ``random-rescaled`` or
+    the file's path), ``backbone_kind`` (``random``, ``random-rescaled``, ``crossflow`` or ``torchvision``: which
+    of those it is, a file's kind read from its content), ``backbone_source`` (what a crossflow file was exported
+    from: checkpoint, objective, taps) and ``backbone_sha256`` (a file's SHA-256, else None)."""
+    if spec in (None, RANDOM_BACKBONE, RESCALED_BACKBONE):
+        spec = spec or RANDOM_BACKBONE
+        return {"backbone": spec, "backbone_kind": spec, "backbone_source": {}, "backbone_sha256": None}
+    kind, content = read_backbone_file(spec)
+    source = content.get("source", {}) if kind == "crossflow" else {}  # checkpoint, objective, taps
+    return {"backbone": str(spec), "backbone_kind": kind, "backbone_source": source, "backbone_sha256": file_sha256(spec)}
+
+
+def setup_backbone(module: L.LightningModule, network: AlexNet, stage: str) -> None:
+    """Every eval's ``setup`` step: with ``backbone: random-rescaled``, rescale ``network`` in place when fitting starts.
+
+    The images are :func:`training_images` of the datamodule's training set (``RESCALE_IMAGES`` of them, with
+    the eval's own augmentation and crop size, fixed by ``RESCALE_SEED``). Nothing happens for other specs or
+    stages: at ``test`` (or when a fit resumes) the fitted weights come from the checkpoint, which Lightning
+    loads after ``setup``. DDP ranks compute the same weights (and DDP broadcasts rank 0's anyway).
+    """
+    if stage != "fit" or module.hparams.backbone != RESCALED_BACKBONE:
+        return
+    datamodule = module.trainer.datamodule
+    if datamodule is None:
+        raise ValueError("backbone random-rescaled needs a datamodule: its training images fit the rescaling")
+    images = training_images(datamodule.train_dataloader().dataset, RESCALE_IMAGES, RESCALE_SEED)
+    layers = data_dependent_rescale(network, images, RESCALE_SEED)
+    unreached = [name for name in CONV_LAYERS if name not in layers]
+    left = f"; {', '.join(unreached)} left at the random initialisation (the images are too small for them)" if unreached else ""
+    rank_zero_info(f"random-rescaled: {', '.join(layers)} rescaled (Kraehenbuehl et al.) on {len(images)} training images{left}")
+
+
+def training_images(dataset: Sequence, count: int, seed: int) -> list[Tensor]:
+    """``count`` training inputs ``[3, H, W]`` as the eval trains on them: items ``order[i mod n]`` of a seeded
+    permutation of the dataset (an item drawn again gets new augmentation when ``count > n``), each through the
+    dataset's own transforms under ``torch.manual_seed(seed)``; the global RNG state is restored afterwards."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [item_image(dataset[order[i % len(order)]]) for i in range(count)]
+
+
+def item_image(item) -> Tensor:
+    """The network input of a training item: a dict's ``"image"`` (detection) or a tuple's first element."""
+    return item["image"] if isinstance(item, Mapping) else item[0]
 
 
 def write_results(trainer: L.Trainer, benchmark: str, metrics: dict, per_class: dict, backbone: str | None, config: dict) -> Path:
@@ -35,7 +96,11 @@ def write_results(trainer: L.Trainer, benchmark: str, metrics: dict, per_class: 
     """
     path = Path(trainer.default_root_dir) / "results.json"
     per_class = {metric: {k: _json_number(v) for k, v in values.items()} for metric, values in per_class.items()}
-    record = {"benchmark": benchmark, "metrics": metrics, "per_class": per_class, **backbone_identity(backbone), "config": config}
+    seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything
+    record = {
+        "benchmark": benchmark, "metrics": metrics, "per_class": per_class, **backbone_identity(backbone),
+        "seed": None if seed is None else int(seed), "config": config,
+    }
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")

@@ -1,4 +1,4 @@
-"""Fast R-CNN (Girshick, ICCV 2015) on the crossflow AlexNet: network, RoI sampling, loss, detection.
+"""Fast R-CNN (Girshick, ICCV 2015) on an AlexNet backbone: network, RoI sampling, loss, detection.
 
 Boxes are ``x1, y1, x2, y2`` in 0-based pixel coordinates with inclusive ends (VOC's
 convention shifted by one), in the pixels of the image the network sees unless stated.
@@ -14,26 +14,21 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import RoIPool, batched_nms, box_iou
 
-from crossflow.models.alexnet import AlexNet, layer_geometry
+from crossflow.models.alexnet import AlexNet
 
-FEATURE_LAYERS = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5")  # stride 16, no pool5
 BBOX_STD = (0.1, 0.1, 0.2, 0.2)  # Fast R-CNN's BBOX_NORMALIZE_STDS (means 0)
 BOX_CODER = BoxCoder(weights=tuple(1.0 / s for s in BBOX_STD))
 POOLED_SIZE = 6
 
 
-def linear_from_conv(conv: nn.Conv2d) -> nn.Linear:
-    """The fully connected layer computing ``conv`` over an input of exactly its kernel size (flattened C, H, W)."""
-    linear = nn.Linear(conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels)
-    with torch.no_grad():
-        linear.weight.copy_(conv.weight.reshape(conv.out_channels, -1))
-        linear.bias.copy_(conv.bias)
-    return linear
-
-
 class FastRCNN(nn.Module):
     """conv1-conv5 (stride 16) -> RoI max pool 6x6 -> fc6, fc7 (from the backbone, with dropout)
     -> class scores ``[R, C]`` and class-specific box deltas ``[R, 4C]`` (C = 21 incl. background).
+
+    The network holds the backbone itself (``self.backbone``, trained in place): fc6 and fc7 are its 6x6 and
+    1x1 convolutions applied to the ``[R, 256, 6, 6]`` pooled RoIs as fully connected layers (the same map).
+    RoI coordinates are shifted by conv5's offset before pooling: conv5 feature ``j`` is centred on pixel
+    ``16 j + offset`` (offset 0 for the crossflow AlexNet, 15 for the torchvision one).
 
     Args:
         backbone: an AlexNet whose conv1-conv5, fc6 and fc7 initialise the network.
@@ -45,24 +40,35 @@ class FastRCNN(nn.Module):
     def __init__(self, backbone: AlexNet, num_classes: int = 21, dropout: float = 0.5, train_conv1: bool = True):
         super().__init__()
         self.num_classes = num_classes
-        self.features = nn.Sequential(*(backbone.layers[name] for name in FEATURE_LAYERS))
-        self.roi_pool = RoIPool((POOLED_SIZE, POOLED_SIZE), spatial_scale=1.0 / layer_geometry(backbone.groups)["conv5"][0])
-        self.fc = nn.Sequential(
-            linear_from_conv(backbone.conv("fc6")), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            linear_from_conv(backbone.conv("fc7")), nn.ReLU(inplace=True), nn.Dropout(dropout),
-        )
-        self.cls_score = nn.Linear(self.fc[3].out_features, num_classes)
-        self.bbox_pred = nn.Linear(self.fc[3].out_features, 4 * num_classes)
+        self.backbone = backbone
+        stride, self.feature_offset = backbone.geometry["conv5"]
+        self.roi_pool = RoIPool((POOLED_SIZE, POOLED_SIZE), spatial_scale=1.0 / stride)
+        self.dropout = nn.Dropout(dropout)
+        hidden = backbone.channels["fc7"]
+        self.cls_score = nn.Linear(hidden, num_classes)
+        self.bbox_pred = nn.Linear(hidden, 4 * num_classes)
         for layer, std in ((self.cls_score, 0.01), (self.bbox_pred, 0.001)):  # Fast R-CNN's initialisation
             nn.init.normal_(layer.weight, std=std)
             nn.init.zeros_(layer.bias)
-        self.features[0].requires_grad_(train_conv1)
+        backbone.layers["conv1"].requires_grad_(train_conv1)
         self.train()  # backbones are loaded in eval mode
+
+    def features(self, images: Tensor) -> Tensor:
+        """images ``[B, 3, H, W]`` -> conv5 ``[B, 256, H / 16, W / 16]``."""
+        return self.backbone(images, taps=("conv5",))["conv5"]
+
+    def fc(self, pooled: Tensor) -> Tensor:
+        """Pooled RoIs ``[R, 256, 6, 6]`` -> fc7 ``[R, 4096]``: fc6, ReLU, dropout, fc7, ReLU, dropout."""
+        hidden = pooled.flatten(1)
+        for name in ("fc6", "fc7"):
+            conv = self.backbone.conv(name)
+            hidden = self.dropout(F.relu(F.linear(hidden, conv.weight.flatten(1), conv.bias)))
+        return hidden
 
     def forward(self, images: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         """images ``[B, 3, H, W]``, rois ``[R, 5]`` (batch index, x1, y1, x2, y2) -> logits ``[R, C]``, deltas ``[R, 4C]``."""
-        pooled = self.roi_pool(self.features(images), rois)
-        hidden = self.fc(pooled.flatten(1))
+        shifted = torch.cat([rois[:, :1], rois[:, 1:] - self.feature_offset], dim=1)
+        hidden = self.fc(self.roi_pool(self.features(images), shifted))
         return self.cls_score(hidden), self.bbox_pred(hidden)
 
 

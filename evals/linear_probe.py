@@ -1,8 +1,11 @@
 """ImageNet linear probing of a frozen backbone (Zhang et al.'s split-brain protocol, as used by the paper).
 
 The backbone is frozen and stays in eval mode. The activations after the ReLU of conv1..conv5 are
-resized bilinearly to 10x10, 6x6, 5x5, 5x5, 6x6 (9600, 9216, 9600, 9600, 9216 values: "roughly
-9,000-10,000 elements", paper section 4.5), each goes through a parameter-free batch norm and a
+resized bilinearly to ``s x s``, ``s = round(sqrt(9216 / C))`` for a layer of C channels ("roughly
+9,000-10,000 elements", paper section 4.5; 9216 = pool5's 256 x 6 x 6). For the crossflow (and
+caffe) AlexNet that is Zhang et al.'s 10x10, 6x6, 5x5, 5x5, 6x6 (9600, 9216, 9600, 9600, 9216 values);
+for the torchvision one (64, 192, 384, 256, 256 channels) 12x12, 7x7, 5x5, 6x6, 6x6 (9216, 9408,
+9600, 9216, 9216). Each goes through a parameter-free batch norm and a
 linear layer to the classes; the five heads train jointly from one backbone forward. Top-1 on
 ILSVRC-2012 val per layer is the paper's Table 2.
 
@@ -20,6 +23,7 @@ tench n01440764 = 0); val/ is labelled with train's indices. A flat val/ (the of
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -33,12 +37,11 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from crossflow.errors import InvalidInputError, MissingInputError
-from crossflow.models.alexnet import layer_channels
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
-from evals.common import backbone_from_spec, write_results
+from evals.common import backbone_from_spec, setup_backbone, write_results
 
-# Spatial size each tap is resized to (Zhang et al.): channels * size^2 = 9600, 9216, 9600, 9600, 9216.
-PROBE_SIZES = {"conv1": 10, "conv2": 6, "conv3": 5, "conv4": 5, "conv5": 6}
+PROBE_TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+PROBE_VALUES = 9216  # about this many values per probed tap (pool5's 256 x 6 x 6)
 ARCHIVE_HINT = (
     "get ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz from image-net.org "
     "(ILSVRC 2012 downloads, after registering)"
@@ -46,17 +49,21 @@ ARCHIVE_HINT = (
 DEMO_HINT = "or run the demo on the synthetic world: `crossflow synth imagenet --out data/demo/imagenet` (make eval-linear DEMO=1)"
 
 
-def probe_dims() -> dict[str, int]:
-    """Feature length of each probed tap: ``{tap: channels * size^2}``."""
-    channels = layer_channels()
-    return {tap: channels[tap] * size * size for tap, size in PROBE_SIZES.items()}
+def probe_sizes(channels: dict[str, int]) -> dict[str, int]:
+    """Side ``s`` each probed tap is resized to, ``round(sqrt(PROBE_VALUES / C))``, from the network's ``{layer: C}``."""
+    return {tap: round(math.sqrt(PROBE_VALUES / channels[tap])) for tap in PROBE_TAPS}
 
 
-def probe_features(activations: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``{tap: [B, C, h, w]}`` -> ``{tap: [B, C * s * s]}``, each resized bilinearly to ``PROBE_SIZES[tap]``."""
+def probe_dims(channels: dict[str, int]) -> dict[str, int]:
+    """Feature length of each probed tap: ``{tap: C * s^2}``."""
+    return {tap: channels[tap] * size * size for tap, size in probe_sizes(channels).items()}
+
+
+def probe_features(activations: dict[str, Tensor], sizes: dict[str, int]) -> dict[str, Tensor]:
+    """``{tap: [B, C, h, w]}`` -> ``{tap: [B, C * s * s]}``, each resized bilinearly to ``s = sizes[tap]``."""
     return {
         tap: F.interpolate(activations[tap], size=(size, size), mode="bilinear", align_corners=False).flatten(1)
-        for tap, size in PROBE_SIZES.items()
+        for tap, size in sizes.items()
     }
 
 
@@ -152,7 +159,7 @@ class LinearProbe(L.LightningModule):
     """Five linear classifiers (conv1..conv5) on a frozen backbone, trained jointly.
 
     Args:
-        backbone: an exported backbone file, or "random".
+        backbone: a backbone file (crossflow export or torchvision AlexNet), "random" or "random-rescaled".
         num_classes: 1000 for ImageNet; must equal the data's class count.
     """
 
@@ -169,11 +176,13 @@ class LinearProbe(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.backbone = backbone_from_spec(backbone).requires_grad_(False).eval()
-        self.heads = nn.ModuleDict(
-            {tap: nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)) for tap, dim in probe_dims().items()}
-        )
-        self.val_top1 = nn.ModuleDict({tap: MulticlassAccuracy(num_classes, top_k=1, average="micro") for tap in PROBE_SIZES})
-        self.test_top1 = nn.ModuleDict({tap: MulticlassAccuracy(num_classes, top_k=1, average="micro") for tap in PROBE_SIZES})
+        self.probe_sizes = probe_sizes(self.backbone.channels)
+        self.heads = nn.ModuleDict({
+            tap: nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
+            for tap, dim in probe_dims(self.backbone.channels).items()
+        })
+        self.val_top1 = nn.ModuleDict({tap: MulticlassAccuracy(num_classes, top_k=1, average="micro") for tap in PROBE_TAPS})
+        self.test_top1 = nn.ModuleDict({tap: MulticlassAccuracy(num_classes, top_k=1, average="micro") for tap in PROBE_TAPS})
 
     def train(self, mode: bool = True) -> "LinearProbe":
         """The heads follow ``mode``; the frozen backbone always stays in eval mode."""
@@ -185,11 +194,12 @@ class LinearProbe(L.LightningModule):
         data_classes = getattr(self.trainer.datamodule, "num_classes", self.hparams.num_classes)
         if data_classes != self.hparams.num_classes:
             raise InvalidInputError(f"the data has {data_classes} classes but model.num_classes is {self.hparams.num_classes}")
+        setup_backbone(self, self.backbone, stage)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``images [B, 3, S, S]`` -> ``{tap: logits [B, num_classes]}``."""
         with torch.no_grad():
-            features = probe_features(self.backbone(images, taps=tuple(PROBE_SIZES)))
+            features = probe_features(self.backbone(images, taps=PROBE_TAPS), self.probe_sizes)
         return {tap: self.heads[tap](feature) for tap, feature in features.items()}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from crossflow.models.alexnet import CONV_LAYERS
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
-from evals.common import backbone_from_spec, write_results
+from evals.common import backbone_from_spec, setup_backbone, write_results
 from evals.metrics import VOCClassificationAP
 from evals.voc import VOC_CLASSES, classification_labels, parse_annotation, read_image_set, year_dir
 
@@ -150,7 +150,7 @@ class VOC07Classification(L.LightningModule):
     """Fine-tunes the backbone with a new 20-way layer on fc7; tests with summed multi-crop scores.
 
     Args:
-        backbone: an exported backbone file, or "random".
+        backbone: a backbone file (crossflow export or torchvision AlexNet), "random" or "random-rescaled".
         train_layers: "all" (the paper), "fc6-8" (fc6, fc7 and the new layer) or "new" (the new layer only).
         dropout: dropout after fc6 and after fc7 (while training).
     """
@@ -179,6 +179,9 @@ class VOC07Classification(L.LightningModule):
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.constant_(self.classifier.bias, 0.1)
         self.test_ap = VOCClassificationAP(len(VOC_CLASSES), average="none")
+
+    def setup(self, stage: str) -> None:
+        setup_backbone(self, self.network, stage)
 
     def forward(self, images: Tensor) -> Tensor:
         """``images [B, 3, S, S]`` (S = 224) -> class scores ``[B, 20]``."""

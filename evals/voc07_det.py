@@ -23,9 +23,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
-from evals.common import backbone_from_spec, write_results
+from evals.common import backbone_from_spec, setup_backbone, write_results
 from evals.det_metrics import VOCDetectionAP
 from evals.fast_rcnn import FastRCNN, detect, fast_rcnn_loss, sample_rois
+from evals.overlays import OverlayCollector, detection_comparison
 from evals.proposals import ProposalStore
 from evals.voc import VOC_CLASSES, VOCAnnotation, parse_annotation, read_image_set, read_rgb, year_dir
 
@@ -167,7 +168,7 @@ class VOC07Detection(L.LightningModule):
     """Fast R-CNN fine-tuning of the backbone; tests with VOC2007's detection AP.
 
     Args:
-        backbone: an exported backbone file, or "random".
+        backbone: a backbone file (crossflow export or torchvision AlexNet), "random" or "random-rescaled".
         train_conv1: whether conv1 is fine-tuned (Fast R-CNN froze it for CaffeNet).
         dropout: after fc6 and fc7.
         lr, momentum, weight_decay, lr_step, lr_gamma: SGD, lr times ``lr_gamma`` every ``lr_step`` iterations.
@@ -202,6 +203,10 @@ class VOC07Detection(L.LightningModule):
         self.save_hyperparameters()
         self.network = FastRCNN(backbone_from_spec(backbone), len(VOC_CLASSES) + 1, dropout, train_conv1)
         self.test_ap = VOCDetectionAP(use_07_metric, len(VOC_CLASSES))
+        self.overlays = OverlayCollector("test/detections")  # a few test images, ground truth | detections, to W&B
+
+    def setup(self, stage: str) -> None:
+        setup_backbone(self, self.network.backbone, stage)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         h, rois, labels, targets = self.hparams, [], [], []
@@ -231,10 +236,13 @@ class VOC07Detection(L.LightningModule):
             preds.append(detect(item_logits, item_deltas, item["proposals"] / item["scale"], height, width, h.score_thresh, h.nms_iou, h.detections_per_image))
             targets.append({"boxes": item["boxes"] / item["scale"], "labels": item["labels"], "difficult": item["difficult"]})
         self.test_ap.update(preds, targets)
+        for image, item, pred in zip(batch["images"], items, preds):
+            self.overlays.add(lambda: detection_comparison(image, item, pred, item["scale"]), item["image_id"])
 
     def on_test_epoch_end(self) -> None:
         result = self.test_ap.compute()
         self.test_ap.reset()
+        self.overlays.log(self.trainer)
         self.log("test/mAP", result["map"])
         ap = {name: value for name, value in zip(VOC_CLASSES, result["ap_per_class"].tolist()) if value == value}  # NaN: no positives
         datamodule = self.trainer.datamodule

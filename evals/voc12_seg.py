@@ -16,7 +16,8 @@ Layout read here::
     AUG_LABEL_DIR/*.png                          or the pre-converted "SegmentationClassAug" label PNGs
 
 Small inputs: fc6 is a 6x6 convolution over pool5, so it is defined only for inputs of at least
-:func:`min_input_size` (193) pixels a side. Smaller images are zero-padded at the bottom and right (zero is
+:meth:`AlexNet.min_input_size <crossflow.models.alexnet.AlexNet.min_input_size>` pixels a side (193 for the crossflow
+AlexNet, 223 for the torchvision one). Smaller images are zero-padded at the bottom and right (zero is
 the mean colour after normalisation) before the backbone runs; pixel coordinates are unchanged, and only the
 original pixels are predicted and scored.
 
@@ -27,7 +28,6 @@ Its first layer is applied to each tap at the tap's own resolution before sampli
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import lightning as L
@@ -42,10 +42,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from crossflow.models.alexnet import LAYERS, layer_channels, layer_geometry, layer_specs
+from crossflow.models.alexnet import LAYERS
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
 from crossflow.models.hypercolumn import HypercolumnMLP, dense_head_output, sparse_hypercolumn
-from evals.common import backbone_from_spec, write_results
+from evals.common import backbone_from_spec, setup_backbone, write_results
+from evals.overlays import OverlayCollector, segmentation_comparison
 from evals.voc import VOC_CLASSES, VOID_LABEL, read_image_set, read_rgb, read_segmentation_mask, year_dir
 
 SEG_CLASSES = ("background",) + VOC_CLASSES
@@ -61,19 +62,6 @@ SBD_HINT = (
 
 
 # ----------------------------------------------------------------------------------------------- geometry
-def min_input_size(layer: str = "fc7") -> int:
-    """Smallest square input side for which ``layer`` of the AlexNet has at least one output (193 for fc6/fc7)."""
-
-    def output_size(size: int) -> int:
-        for name, spec in layer_specs().items():
-            size = (size + 2 * spec.padding - spec.kernel) // spec.stride + 1
-            if name == layer:
-                return size
-        raise ValueError(f"unknown AlexNet layer {layer!r}")
-
-    return next(size for size in itertools.count(1) if output_size(size) >= 1)
-
-
 def pad_to_min_size(images: torch.Tensor, size: int) -> torch.Tensor:
     """Zero-pad ``[B, 3, H, W]`` at the bottom/right to at least ``size`` a side (pixel coordinates unchanged)."""
     height, width = images.shape[-2:]
@@ -364,7 +352,7 @@ class VOC12Segmentation(L.LightningModule):
     """Backbone taps -> sparse hypercolumn -> MLP (one hidden layer) -> 21 class scores per pixel.
 
     Args:
-        backbone: an exported backbone file, or ``"random"``.
+        backbone: a backbone file (crossflow export or torchvision AlexNet), ``"random"`` or ``"random-rescaled"``.
         taps: backbone layers of the hypercolumn.
         hidden_dim: width of the MLP's hidden layer.
         stage1_steps: optimiser steps of stage one (head only, backbone frozen); stage two follows until
@@ -391,13 +379,13 @@ class VOC12Segmentation(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.backbone = backbone_from_spec(backbone).train()  # no dropout or BN: the mode changes nothing
-        channels = layer_channels(self.backbone.groups)
         self.taps = tuple(taps)
-        self.tap_channels = [channels[t] for t in self.taps]
-        self.geometry = layer_geometry(self.backbone.groups)
-        self.min_size = min_input_size(max(self.taps, key=LAYERS.index))
+        self.tap_channels = [self.backbone.channels[t] for t in self.taps]
+        self.geometry = self.backbone.geometry
+        self.min_size = self.backbone.min_input_size(max(self.taps, key=LAYERS.index))
         self.head = HypercolumnMLP(sum(self.tap_channels), hidden_dim, NUM_CLASSES)
         self.val_iu, self.test_iu = intersection_over_union(), intersection_over_union()
+        self.overlays = OverlayCollector("test/segmentations")  # a few test images, ground truth | prediction, to W&B
 
     def activations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``[B, 3, H, W]`` -> the taps' activations (inputs padded to :attr:`min_size` when smaller)."""
@@ -428,6 +416,9 @@ class VOC12Segmentation(L.LightningModule):
         return maps, geometry
 
     # ------------------------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        setup_backbone(self, self.backbone, stage)
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.backbone.requires_grad_(self.global_step >= self.hparams.stage1_steps)
 
@@ -453,15 +444,19 @@ class VOC12Segmentation(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------ evaluation
-    def evaluate(self, batch, metric: MulticlassJaccardIndex) -> None:
+    def evaluate(self, batch, metric: MulticlassJaccardIndex) -> torch.Tensor:
+        """Updates ``metric`` with the dense prediction of ``batch``; returns the prediction ``[B, H, W]``."""
         images, masks = batch
-        metric.update(self.dense_logits(images).argmax(1), masks)
+        prediction = self.dense_logits(images).argmax(1)
+        metric.update(prediction, masks)
+        return prediction
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.evaluate(batch, self.val_iu)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self.evaluate(batch, self.test_iu)
+        prediction = self.evaluate(batch, self.test_iu)
+        self.overlays.add(lambda: segmentation_comparison(batch[0][0], batch[1][0], prediction[0]), f"test image {batch_idx}")
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/mIU", mean_iu(self.val_iu.compute()), prog_bar=True)
@@ -476,3 +471,4 @@ class VOC12Segmentation(L.LightningModule):
         config = {"model": dict(self.hparams), "data": dict(datamodule.hparams) if datamodule is not None else None}
         write_results(self.trainer, "voc12_seg", {"mIU": miu}, {"IU": class_iu}, self.hparams.backbone, config)
         self.test_iu.reset()
+        self.overlays.log(self.trainer)

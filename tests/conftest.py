@@ -15,6 +15,16 @@ requires_shared_data = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def no_wandb_run_left_open():
+    """Finish any W&B run a test leaves open: a WandbLogger would otherwise reuse it and write elsewhere."""
+    yield
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
 @pytest.fixture(scope="session")
 def tiny_videos(tmp_path_factory) -> Path:
     """Six short synthetic clips written as real video files."""

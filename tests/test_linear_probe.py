@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from crossflow.cli import main as crossflow_main
-from evals.linear_probe import PROBE_SIZES, ImageNetData, LabelledImageFolder, LinearProbe, probe_dims, probe_features
+from crossflow.models import AlexNet
+from evals.linear_probe import PROBE_TAPS, ImageNetData, LabelledImageFolder, LinearProbe, probe_dims, probe_features, probe_sizes
 
 from .conftest import REPO, SHARED_DATA
 
@@ -41,21 +42,23 @@ def real_sample_root(tmp_path_factory) -> Path:
 
 
 def test_probe_feature_sizes_at_224_and_smaller_inputs():
-    assert probe_dims() == {"conv1": 9600, "conv2": 9216, "conv3": 9600, "conv4": 9600, "conv5": 9216}
+    channels = AlexNet().channels
+    assert probe_sizes(channels) == {"conv1": 10, "conv2": 6, "conv3": 5, "conv4": 5, "conv5": 6}  # Zhang et al.'s
+    assert probe_dims(channels) == {"conv1": 9600, "conv2": 9216, "conv3": 9600, "conv4": 9600, "conv5": 9216}
     model = LinearProbe(num_classes=7)
     for size in (224, 128):
         with torch.no_grad():
-            features = probe_features(model.backbone(torch.randn(2, 3, size, size), taps=tuple(PROBE_SIZES)))
+            features = probe_features(model.backbone(torch.randn(2, 3, size, size), taps=PROBE_TAPS), model.probe_sizes)
             logits = model(torch.randn(2, 3, size, size))
-        assert {tap: f.shape for tap, f in features.items()} == {tap: (2, dim) for tap, dim in probe_dims().items()}
-        assert {tap: l.shape for tap, l in logits.items()} == {tap: (2, 7) for tap in PROBE_SIZES}
+        assert {tap: f.shape for tap, f in features.items()} == {tap: (2, dim) for tap, dim in probe_dims(channels).items()}
+        assert {tap: l.shape for tap, l in logits.items()} == {tap: (2, 7) for tap in PROBE_TAPS}
 
 
 def test_probe_resize_is_bilinear_sampling_at_pixel_centres():
     # a linear ramp stays linear: output j samples input coordinate (j + 0.5) * in / out - 0.5
     ramp = torch.arange(56, dtype=torch.float32).expand(1, 96, 56, 56)
-    activations = {tap: ramp for tap in PROBE_SIZES}
-    conv1 = probe_features(activations)["conv1"].view(96, 10, 10)
+    activations = {tap: ramp for tap in PROBE_TAPS}
+    conv1 = probe_features(activations, probe_sizes(AlexNet().channels))["conv1"].view(96, 10, 10)
     expected = (torch.arange(10) + 0.5) * 5.6 - 0.5
     torch.testing.assert_close(conv1[0, 3], expected)
     torch.testing.assert_close(conv1[5, :, 7], torch.full((10,), float(expected[7])))
@@ -145,6 +148,6 @@ def test_demo_config_end_to_end(synthetic_imagenet, tmp_path, monkeypatch):
     checkpoint = tmp_path / "runs" / "eval" / "demo_in1k_linear" / "checkpoints" / "last.ckpt"
     assert crossflow_main(["test", "--config", config, *overrides, "--ckpt_path", str(checkpoint)]) == 0
     results = json.loads((tmp_path / "runs" / "eval" / "demo_in1k_linear" / "results.json").read_text())
-    assert results["benchmark"] == "in1k_linear" and set(results["metrics"]) == {f"top1_{tap}" for tap in PROBE_SIZES}
+    assert results["benchmark"] == "in1k_linear" and set(results["metrics"]) == {f"top1_{tap}" for tap in PROBE_TAPS}
     assert all(0 <= value <= 1 for value in results["metrics"].values())
     assert results["config"]["model"]["num_classes"] == 20

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchvision.ops import box_iou
 
 from crossflow.cli import main as crossflow_main
 from crossflow.models.alexnet import AlexNet
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
 from evals.det_metrics import VOCDetectionAP
-from evals.fast_rcnn import BOX_CODER, FastRCNN, detect, fast_rcnn_loss, linear_from_conv, sample_rois
+from evals.fast_rcnn import BOX_CODER, FastRCNN, detect, fast_rcnn_loss, sample_rois
 from evals.proposals import ProposalStore, import_fast_rcnn_mat, selective_search
 from evals.voc import VOC_CLASSES, parse_annotation, read_image_set, read_rgb, year_dir
 from evals.voc07_det import VOC07DetectionData, VOCDetectionDataset, batch_rois, collate_detection, flip_boxes, image_scale
@@ -174,20 +173,16 @@ def test_network_reuses_conv1_to_conv5_and_fc6_fc7_of_the_backbone():
     assert network.roi_pool.spatial_scale == 1 / 16 and network.roi_pool.output_size == (6, 6)
     x = torch.randn(3, 256, 6, 6)
     with torch.no_grad():
-        torch.testing.assert_close(network.fc[0](x.flatten(1)), backbone.conv("fc6")(x).flatten(1))
+        expected = backbone.layers["fc7"](backbone.layers["fc6"](x)).flatten(1)  # fc6, fc7 as convolutions, no dropout
+        torch.testing.assert_close(network.eval().fc(x), expected)
         torch.testing.assert_close(network.features(torch.randn(1, 3, 160, 224)).shape, torch.Size([1, 256, 10, 14]))
+    network.train()
     frozen = {name for name, p in network.named_parameters() if not p.requires_grad}
-    assert frozen == {"features.0.conv.weight", "features.0.conv.bias"}
+    assert frozen == {"backbone.layers.conv1.conv.weight", "backbone.layers.conv1.conv.bias"}
     assert network.cls_score.weight.std().item() == pytest.approx(0.01, rel=0.1)
     assert network.bbox_pred.weight.std().item() == pytest.approx(0.001, rel=0.1)
     logits, deltas = network(torch.randn(2, 3, 160, 224), torch.tensor([[0, 0, 0, 100, 100], [1, 50, 20, 200, 150.0]]))
     assert logits.shape == (2, 21) and deltas.shape == (2, 84)
-
-
-def test_linear_from_conv_is_the_same_map():
-    conv = nn.Conv2d(4, 5, 3)
-    x = torch.randn(2, 4, 3, 3)
-    torch.testing.assert_close(linear_from_conv(conv)(x.flatten(1)), conv(x).flatten(1))
 
 
 def test_detect_decodes_per_class_clips_and_suppresses_duplicates():

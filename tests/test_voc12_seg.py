@@ -23,7 +23,7 @@ from crossflow.data.synthetic import PALETTE
 from crossflow.models import AlexNet, save_backbone
 from evals.voc12_seg import (
     NUM_CLASSES, SEG_CLASSES, VOC12SegDataModule, VOC12Segmentation, intersection_over_union, mean_iu,
-    min_input_size, random_scale_crop_flip, read_label, read_label_png, read_sbd_mask, sample_labelled_pixels,
+    random_scale_crop_flip, read_label, read_label_png, read_sbd_mask, sample_labelled_pixels,
     sampled_pixel_loss, stage_learning_rates, train_aug_samples,
 )
 from evals.voc import read_image_set, year_dir
@@ -228,7 +228,7 @@ def test_mean_iu_equals_torchmetrics_macro_average():
 
 # ------------------------------------------------------------------------------------------------ model
 def test_fc6_needs_193_pixel_inputs_and_smaller_images_are_padded():
-    assert min_input_size() == 193
+    assert AlexNet().min_input_size() == 193
     network = AlexNet().eval()
     with torch.no_grad():
         assert network(torch.zeros(1, 3, 193, 193))["fc7"].shape[-2:] == (1, 1)

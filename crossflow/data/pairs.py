@@ -84,6 +84,12 @@ class Augmentation:
         return np.ascontiguousarray(frame), np.ascontiguousarray(flow), np.ascontiguousarray(valid)
 
 
+def normalize_image(frame: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 RGB -> ``[3, H, W]`` float: RGB in [0, 1], then ``(x - IMAGE_MEAN) / IMAGE_STD``."""
+    image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 255
+    return (image - torch.tensor(IMAGE_MEAN).view(3, 1, 1)) / torch.tensor(IMAGE_STD).view(3, 1, 1)
+
+
 def sample_points(valid: np.ndarray, num_points: int, rng: np.random.Generator) -> np.ndarray:
     """``num_points`` pixel centres ``[N, 2]`` (x, y), uniform among valid pixels (without
     replacement when there are enough)."""
@@ -139,7 +145,9 @@ class PairShards(Dataset):
         epoch = self.epoch if self.augmentation.train else 0
         return np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())])
 
-    def __getitem__(self, i: int):
+    def _augmented(self, i: int):
+        """Sample ``i`` decoded and augmented: (frame ``[S, S, 3]`` uint8 RGB, flow ``[S, S, 2]`` px, valid ``[S, S]``,
+        its rng), or None when a member fails to decode (warned)."""
         shard_index, key, members = self.items[i]
         shard = self.shards[shard_index]
         try:
@@ -154,15 +162,29 @@ class PairShards(Dataset):
             self._warn_once(shard, key, error)
             return None
         rng = self._rng(key)
-        frame, flow, valid = self.augmentation(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), flow, valid, rng)
+        return (*self.augmentation(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), flow, valid, rng), rng)
+
+    def dense_sample(self, i: int) -> dict | None:
+        """Item ``i`` with its whole flow field instead of sampled pixels (None when it fails to decode):
+        ``frame [S, S, 3]`` uint8 RGB, ``image [3, S, S]`` normalised, ``flow [S, S, 2]`` pixels, ``valid [S, S]``, ``key``."""
+        augmented = self._augmented(i)
+        if augmented is None:
+            return None
+        frame, flow, valid, _ = augmented
+        return {"frame": frame, "image": normalize_image(frame), "flow": flow, "valid": valid, "key": self.items[i][1]}
+
+    def __getitem__(self, i: int):
+        augmented = self._augmented(i)
+        if augmented is None:
+            return None
+        frame, flow, valid, rng = augmented
         points = sample_points(valid, self.num_points, rng)
         xs, ys = points[:, 0].astype(int), points[:, 1].astype(int)
-        image = (torch.from_numpy(frame).permute(2, 0, 1).float() / 255 - torch.tensor(IMAGE_MEAN).view(3, 1, 1)) / torch.tensor(IMAGE_STD).view(3, 1, 1)
         return {
-            "image": image,
+            "image": normalize_image(frame),
             "points": torch.from_numpy(points),
             "flow": torch.from_numpy(normalize_flow(flow[ys, xs], self.max_magnitude)),
-            "key": key,
+            "key": self.items[i][1],
         }
 
     def _warn_once(self, shard: Path, key: str, error: Exception) -> None:

@@ -1,7 +1,7 @@
 """Sparse hypercolumns: backbone activations sampled bilinearly at chosen pixels.
 
 A feature at index ``j`` of a layer with geometry ``(stride, offset)`` is centred on input
-pixel ``stride * j + offset`` (see :func:`crossflow.models.alexnet.layer_geometry`), so
+pixel ``stride * j + offset`` (the network's :attr:`crossflow.models.alexnet.AlexNet.geometry`), so
 input pixel ``x`` reads the layer at fractional index ``(x - offset) / stride``;
 outside the map the border value is used.
 """

@@ -1,0 +1,193 @@
+"""The paper's Tables 1 and 2 from eval results: ``crossflow report RUN_DIR... [--out FILE]``.
+
+Reads every ``results.json`` under the given folders (written by the evals, one per run) and
+lays them out as the paper does:
+
+- Table 1: VOC07 classification mAP, VOC07 detection mAP, VOC12 segmentation mean IU (%);
+- Table 2: ImageNet linear-probe top-1 (%) of conv1..conv5.
+
+A row is a backbone: ``random``, ``random-rescaled``, a torchvision ImageNet AlexNet ("Class
+Labels"), or an exported crossflow backbone, named by its pretraining objective (cross-pixel
+similarity = "Ours", flow classification = "Ours direct"). Several results for the same row and
+column (runs with other seeds) are shown as mean ± sample standard deviation (n). Where the
+runs used the real datasets (a dataset folder without the synthetic world's ``synth.json``),
+the paper's published rows are printed beside ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from crossflow.errors import InvalidInputError, MissingInputError
+
+TABLE1 = (("voc07_cls", "mAP", "VOC07 Cls. mAP"), ("voc07_det", "mAP", "VOC07 Det. mAP"), ("voc12_seg", "mIU", "VOC12 Seg. mIU"))
+TABLE2 = tuple(("in1k_linear", f"top1_conv{i}", f"conv{i}") for i in range(1, 6))
+# Rows in the paper's order, with its label and supervision.
+ROWS = {
+    "class_labels": ("Class Labels (ImageNet AlexNet)", "Class Labels"),
+    "random": ("Random", "-"),
+    "random_rescaled": ("Random-rescaled (Kraehenbuehl et al.)", "-"),
+    "flow_classification": ("Ours direct (flow classification)", "Optical flow"),
+    "cross_pixel": ("Ours (cross-pixel flow similarity)", "Optical flow"),
+}
+# The paper's published numbers (Tables 1 and 2); None where it reports none.
+# Table 1's "Random-rescaled" is its row "Kraehenbuehl et al. [41]" (data-dependent initialisation).
+PAPER = {
+    "class_labels": {"voc07_cls/mAP": 79.9, "voc07_det/mAP": 56.8, "voc12_seg/mIU": 48.0, "conv": (19.3, 36.3, 44.2, 48.3, 50.5)},
+    "random": {"voc07_cls/mAP": 53.3, "voc07_det/mAP": 43.4, "voc12_seg/mIU": 19.8, "conv": (11.6, 17.1, 16.9, 16.3, 14.1)},
+    "random_rescaled": {"voc07_cls/mAP": 56.6, "voc07_det/mAP": 45.6, "voc12_seg/mIU": 32.6, "conv": (17.5, 23.0, 24.5, 23.2, 20.6)},
+    "flow_classification": {"voc07_cls/mAP": 61.4, "voc07_det/mAP": 44.0, "voc12_seg/mIU": 37.1, "conv": (14.0, 22.6, 25.3, 25.0, 23.0)},
+    "cross_pixel": {"voc07_cls/mAP": 64.4, "voc07_det/mAP": 50.3, "voc12_seg/mIU": 41.4, "conv": (15.0, 24.8, 28.9, 29.4, 28.0)},
+}
+SYNTHETIC_MARKER = "synth.json"  # written by `crossflow synth` at the root of every synthetic dataset
+
+
+@dataclass(frozen=True)
+class Result:
+    """One eval run: which backbone (row), which benchmark, its metrics (fractions), real or synthetic data."""
+
+    row: str
+    benchmark: str
+    metrics: dict
+    synthetic: bool | None  # None: the dataset folder is gone, so unknown
+    path: Path
+
+
+def paper_value(row: str, benchmark: str, metric: str) -> float | None:
+    numbers = PAPER.get(row, {})
+    if benchmark == "in1k_linear":
+        return numbers["conv"][int(metric[-1]) - 1] if "conv" in numbers else None
+    return numbers.get(f"{benchmark}/{metric}")
+
+
+def row_of(record: dict) -> str:
+    """The table row of a results.json record: its backbone spec, or the backbone file's kind."""
+    spec = str(record.get("backbone", ""))
+    if spec in ("random", "random-rescaled"):
+        return spec.replace("-", "_")
+    kind = (record.get("backbone_source") or {}).get("objective") or record.get("backbone_kind")
+    if kind in ROWS:
+        return kind
+    if kind == "torchvision":
+        return "class_labels"
+    return spec  # an unknown file: its own row, named by its path
+
+
+def is_synthetic(record: dict) -> bool | None:
+    root = (record.get("config", {}).get("data") or {}).get("root")
+    if not root or not Path(root).is_dir():
+        return None
+    return (Path(root) / SYNTHETIC_MARKER).is_file()
+
+
+def find_results(folders: list[str]) -> list[Result]:
+    """Every results.json under ``folders``, sorted by path."""
+    results = []
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise MissingInputError(f"{folder}: no such folder (give the run folders the evals wrote, e.g. runs/eval)")
+        for path in sorted(Path(folder).rglob("results.json")):
+            try:
+                record = json.loads(path.read_text())
+                results.append(Result(row_of(record), record["benchmark"], record["metrics"], is_synthetic(record), path))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise InvalidInputError(f"{path} is not an eval results file ({error}); delete it or rerun that eval") from None
+    if not results:
+        raise MissingInputError(f"no results.json under {' '.join(folders)}: run the evals first (e.g. `make eval-voc-cls`)")
+    return results
+
+
+def cell(values: list[float]) -> str:
+    """Fractions -> '%' with one decimal; several values -> 'mean ± std (n)'."""
+    percent = [100 * v for v in values if v is not None and not math.isnan(v)]
+    if not percent:
+        return "-"
+    if len(percent) == 1:
+        return f"{percent[0]:.1f}"
+    return f"{statistics.mean(percent):.1f} ± {statistics.stdev(percent):.1f} ({len(percent)})"
+
+
+def ordered_rows(results: list[Result]) -> list[str]:
+    present = {r.row for r in results}
+    return [row for row in ROWS if row in present] + sorted(present - set(ROWS))
+
+
+def table(results: list[Result], columns: tuple, with_paper: bool) -> str:
+    """Markdown table: one line per backbone (and per paper row when ``with_paper``)."""
+    header = ["method", "supervision", *(title for _, _, title in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in ordered_rows(results):
+        label, supervision = ROWS.get(row, (f"`{row}`", "?"))
+        values = [cell([r.metrics.get(metric) for r in results if r.row == row and r.benchmark == bench]) for bench, metric, _ in columns]
+        if all(v == "-" for v in values):
+            continue
+        lines.append("| " + " | ".join([label, supervision, *values]) + " |")
+        if with_paper and row in PAPER:
+            published = [paper_value(row, bench, metric) for bench, metric, _ in columns]
+            lines.append("| " + " | ".join([f"*{label}, paper*", supervision, *("-" if v is None else f"*{v:.1f}*" for v in published)]) + " |")
+    return "\n".join(lines)
+
+
+def report(results: list[Result], paper: str = "auto") -> str:
+    """The two tables as markdown. ``paper``: auto (when every run used real data), yes, no."""
+    real = all(r.synthetic is False for r in results)
+    with_paper = paper == "yes" or (paper == "auto" and real)
+    data = "real datasets" if real else "the synthetic world" if all(r.synthetic for r in results) else "mixed or unknown datasets"
+    parts = [
+        f"Results of {len(results)} eval runs on {data}; % (mean ± std (n) over repeated runs)."
+        + (" Italic rows: the paper's published numbers." if with_paper else ""),
+        "",
+        "**Table 1** (VOC07 classification and detection mAP, VOC12 segmentation mean IU)",
+        "",
+        table(results, TABLE1, with_paper),
+        "",
+        "**Table 2** (ImageNet linear probes, top-1 per layer)",
+        "",
+        table(results, TABLE2, with_paper),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def log_to_wandb(markdown: str, results: list[Result], out_dir: Path) -> str:
+    """The tables as a W&B table in a run of job type "report" (offline unless WANDB_MODE=online); returns the run dir."""
+    import wandb
+
+    columns = ["method", "benchmark", "metric", "value", "n"]
+    rows = []
+    for row in ordered_rows(results):
+        for bench, metric, _ in TABLE1 + TABLE2:
+            values = [r.metrics[metric] for r in results if r.row == row and r.benchmark == bench and r.metrics.get(metric) is not None]
+            if values:
+                rows.append([ROWS.get(row, (row,))[0], bench, metric, 100 * statistics.mean(values), len(values)])
+    run = wandb.init(project="crossflow", job_type="report", dir=str(out_dir), reinit="finish_previous")
+    run.log({"tables": wandb.Table(columns=columns, data=rows), "report": wandb.Html(f"<pre>{markdown}</pre>")})
+    run.finish()
+    return str(run.dir)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folders", nargs="+", metavar="RUN_DIR", help="folders searched for the evals' results.json")
+    parser.add_argument("--out", type=Path, help="also write the markdown here")
+    parser.add_argument("--paper", choices=("auto", "yes", "no"), default="auto", help="print the paper's rows (auto: on real data)")
+    parser.add_argument("--wandb", action="store_true", help="also log the tables to a W&B run")
+
+
+def run(args: argparse.Namespace) -> int:
+    results = find_results(args.folders)
+    markdown = report(results, args.paper)
+    print(markdown, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(markdown)
+        os.replace(partial, args.out)
+        print(f"written: {args.out}")
+    if args.wandb:
+        print(f"W&B run: {log_to_wandb(markdown, results, (args.out.parent if args.out else Path('.')))}")
+    return 0

@@ -1,0 +1,276 @@
+"""The paper's reference backbones: torchvision's ImageNet AlexNet ("Class Labels": its architecture and
+weights file) and the random network rescaled by Kraehenbuehl et al.'s procedure ("Random-rescaled"),
+each accepted by every eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from crossflow.cli import main as crossflow
+from crossflow.errors import InvalidInputError
+from crossflow.models import LAYERS, AlexNet, load_backbone, sample_at_points, save_backbone
+from crossflow.models import rescale
+from crossflow.models.alexnet import CONV_LAYERS
+from crossflow.models.backbone import BACKBONE_FORMAT, file_sha256
+from evals import common
+from evals.common import backbone_identity, training_images
+from evals.linear_probe import ImageNetData, LinearProbe
+
+from .test_configs import tiny_world  # noqa: F401 (the synthetic VOC and ImageFolder worlds, a fixture)
+from .conftest import REPO
+
+DEMO_CONFIGS = sorted((REPO / "configs" / "eval").glob("demo_*.yaml"))
+# Where each of our taps is in torchvision's AlexNet (the module whose output it is).
+TORCHVISION_TAPS = {
+    "conv1": "features.1", "pool1": "features.2", "conv2": "features.4", "pool2": "features.5", "conv3": "features.7",
+    "conv4": "features.9", "conv5": "features.11", "pool5": "features.12", "fc6": "classifier.2", "fc7": "classifier.5",
+}
+
+
+@pytest.fixture(scope="module")
+def torchvision_alexnet(tmp_path_factory) -> tuple[Path, nn.Module]:
+    """A randomly initialised torchvision AlexNet (eval mode) and its state_dict saved as torchvision's weights files are."""
+    torch.manual_seed(0)
+    network = torchvision.models.alexnet(weights=None).eval()
+    path = tmp_path_factory.mktemp("weights") / "alexnet-random.pth"
+    torch.save(network.state_dict(), path)
+    return path, network
+
+
+def smooth_images(count: int, height: int, width: int) -> torch.Tensor:
+    """``[count, 3, H, W]`` image-like inputs: upsampled noise plus a little pixel noise."""
+    coarse = torch.randn(count, 3, height // 8, width // 8)
+    return F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False) + 0.3 * torch.randn(count, 3, height, width)
+
+
+def pre_activations(network: AlexNet, images: list[torch.Tensor], layers=CONV_LAYERS) -> dict[str, torch.Tensor]:
+    """``{layer: [C, N]}``: each conv layer's output before its ReLU, every position of every image."""
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    hooks = [
+        network.conv(name).register_forward_hook(lambda m, i, o, name=name: captured[name].append(o.clone()))  # the ReLU is in place
+        for name in layers
+    ]
+    with torch.no_grad():
+        for image in images:
+            network(image[None], (layers[-1],))
+    for hook in hooks:
+        hook.remove()
+    return {name: torch.cat([z.transpose(0, 1).flatten(1) for z in maps], dim=1) for name, maps in captured.items()}
+
+
+# ---------------------------------------------------------------------------------------------- torchvision
+
+
+def test_torchvision_weights_give_torchvision_activations(torchvision_alexnet):
+    path, reference = torchvision_alexnet
+    network = load_backbone(path)
+    assert network.arch == "torchvision" and not network.training
+    modules = dict(reference.named_modules())
+    captured = {}
+    hooks = [modules[m].register_forward_hook(lambda mod, i, o, tap=tap: captured.__setitem__(tap, o.clone())) for tap, m in TORCHVISION_TAPS.items()]
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        reference(images)
+        ours = network(images, LAYERS)
+    for hook in hooks:
+        hook.remove()
+    for tap in LAYERS:
+        expected = captured[tap].flatten(1)
+        torch.testing.assert_close(ours[tap].flatten(1), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(), msg=tap)
+
+
+def test_torchvision_arch_shapes_and_minimum_input():
+    network = AlexNet(arch="torchvision").eval()
+    with torch.no_grad():
+        shapes = {k: tuple(v.shape[1:]) for k, v in network(torch.randn(1, 3, 224, 224), LAYERS).items()}
+        assert shapes == {
+            "conv1": (64, 55, 55), "pool1": (64, 27, 27), "conv2": (192, 27, 27), "pool2": (192, 13, 13),
+            "conv3": (384, 13, 13), "conv4": (256, 13, 13), "conv5": (256, 13, 13), "pool5": (256, 6, 6),
+            "fc6": (4096, 1, 1), "fc7": (4096, 1, 1),
+        }
+        assert network.min_input_size() == 223 and network(torch.zeros(1, 3, 223, 223))["fc7"].shape[-2:] == (1, 1)
+        with pytest.raises(RuntimeError):
+            network(torch.zeros(1, 3, 222, 222))
+    assert network.channels == {k: v[0] for k, v in shapes.items()}
+
+
+def test_torchvision_arch_geometry_is_the_receptive_field_centre():
+    """As tests/test_models.py checks ours: with average pools in place of the max pools, the input pixels that
+    reach an interior unit j form its receptive field, centred on stride * j + offset (256 px input: pool5's field fits)."""
+    network = AlexNet(arch="torchvision")
+    for name in LAYERS:
+        if isinstance(network.layers[name], nn.MaxPool2d):
+            pool = network.layers[name]
+            network.layers[name] = nn.AvgPool2d(pool.kernel_size, pool.stride, pool.padding)
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.constant_(module.weight, 0.01)
+    for layer in ("conv1", "pool1", "conv2", "pool2", "conv3", "conv5", "pool5"):
+        image = torch.ones(1, 3, 256, 256, requires_grad=True)
+        activation = network(image, [layer])[layer]
+        j = activation.shape[-1] // 2
+        activation[0, 0, j, j].backward()
+        columns = image.grad[0, 0].abs().sum(0).nonzero().flatten()
+        stride, offset = network.geometry[layer]
+        assert (columns.min() + columns.max()).item() / 2 == stride * j + offset, layer
+
+
+def test_torchvision_arch_sampling_at_feature_centres_is_exact():
+    network = AlexNet(arch="torchvision").double()
+    activations = network(torch.randn(1, 3, 224, 224, dtype=torch.float64), LAYERS)
+    for layer, features in activations.items():
+        stride, offset = network.geometry[layer]
+        h, w = features.shape[-2:]
+        jy, jx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        points = torch.stack([stride * jx + offset, stride * jy + offset], -1).reshape(1, -1, 2).double()
+        sampled = sample_at_points(features, points, stride, offset)
+        torch.testing.assert_close(sampled, features.flatten(2).transpose(1, 2), rtol=0, atol=1e-9, msg=layer)
+
+
+def test_backbone_files_record_the_arch_and_version_1_files_still_load(tmp_path, torchvision_alexnet):
+    torchvision_network = load_backbone(torchvision_alexnet[0])
+    loaded = load_backbone(save_backbone(torchvision_network, tmp_path / "torchvision_arch.pt"))
+    assert loaded.arch == "torchvision"
+    image = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image)["fc7"], torchvision_network(image)["fc7"])
+    ours = AlexNet()
+    version_1 = {"format": BACKBONE_FORMAT, "format_version": 1, "arch": "alexnet", "config": {"groups": 1}, "source": {}, "state_dict": ours.state_dict()}
+    torch.save(version_1, tmp_path / "v1.pt")
+    loaded = load_backbone(tmp_path / "v1.pt")
+    assert loaded.arch == "crossflow" and torch.equal(loaded.conv("fc7").weight, ours.conv("fc7").weight)
+
+
+def bad_files(folder: Path, torchvision_state: dict) -> dict[str, Path]:
+    """Files that are neither format, and a torchvision-like state_dict with another conv1."""
+    wrong_conv1 = dict(torchvision_state, **{"features.0.weight": torch.zeros(96, 3, 11, 11), "features.0.bias": torch.zeros(96)})
+    other_keys = {k.replace("features.", "body."): v for k, v in torchvision_state.items()}
+    contents = {"other_dict": {"something": 1}, "other_keys": other_keys, "wrong_conv1": wrong_conv1}
+    paths = {}
+    for name, content in contents.items():
+        torch.save(content, folder / f"{name}.pt")
+        paths[name] = folder / f"{name}.pt"
+    (folder / "text.pt").write_text("not a weights file\n")
+    (folder / "truncated.pt").write_bytes(paths["wrong_conv1"].read_bytes()[:4096])
+    return {**paths, "text": folder / "text.pt", "truncated": folder / "truncated.pt"}
+
+
+def test_a_file_of_neither_format_is_a_one_line_error(tmp_path, torchvision_alexnet, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = bad_files(tmp_path, torchvision_alexnet[1].state_dict())
+    for name, path in files.items():
+        with pytest.raises(InvalidInputError) as error:
+            load_backbone(path)
+        message = str(error.value)
+        assert "\n" not in message and str(path) in message, name
+        expected = "features.0.weight has shape (96, 3, 11, 11)" if name == "wrong_conv1" else "nor a torchvision AlexNet state_dict"
+        assert expected in message, (name, message)
+    config = REPO / "configs" / "eval" / "demo_voc07_cls.yaml"
+    assert crossflow(["fit", "--config", str(config), "--model.init_args.backbone", str(files["text"])]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"crossflow fit: error: {files['text']} is not a crossflow backbone")
+
+
+def test_results_record_the_spec_and_kind(tmp_path, torchvision_alexnet):
+    path = torchvision_alexnet[0]
+    assert backbone_identity(str(path)) == {"backbone": str(path), "backbone_kind": "torchvision", "backbone_source": {}, "backbone_sha256": file_sha256(path)}
+    assert backbone_identity("random-rescaled") == {"backbone": "random-rescaled", "backbone_kind": "random-rescaled", "backbone_source": {}, "backbone_sha256": None}
+    crossflow_file = save_backbone(AlexNet(), tmp_path / "ours.pt", source={"objective": "cross_pixel"})
+    identity = backbone_identity(str(crossflow_file))
+    assert identity["backbone_kind"] == "crossflow" and identity["backbone_source"] == {"objective": "cross_pixel"}
+
+
+# ---------------------------------------------------------------------------------------------- rescaling
+
+
+def test_within_layer_rescaling_standardises_every_pre_activation():
+    torch.manual_seed(0)
+    network = AlexNet()
+    images = list(smooth_images(4, 224, 224)) + list(smooth_images(1, 200, 232))  # two sizes, pooled
+    assert rescale.rescale_within_layers(network, images) == list(CONV_LAYERS)
+    for name, values in pre_activations(network, images).items():
+        torch.testing.assert_close(values.mean(1), torch.zeros(len(values)), rtol=0, atol=1e-4, msg=name)
+        torch.testing.assert_close(values.std(1, correction=0), torch.ones(len(values)), rtol=0, atol=1e-4, msg=name)
+
+
+def test_layers_no_image_reaches_keep_their_initialisation():
+    torch.manual_seed(0)
+    network = AlexNet()
+    fc6 = network.conv("fc6").weight.clone()
+    assert rescale.rescale_within_layers(network, list(smooth_images(2, 128, 128))) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert torch.equal(network.conv("fc6").weight, fc6)
+
+
+def test_between_layer_rescaling_equalises_change_rates_and_keeps_layers_standardised():
+    torch.manual_seed(0)
+    network = AlexNet()
+    images = list(smooth_images(4, 128, 128))  # small and fast: conv1..conv5 (fc6/fc7 are not reached)
+    layers = rescale.rescale_within_layers(network, images)
+    spread = lambda rates: max(rates.values()) / min(rates.values())  # noqa: E731
+    batches = rescale.batches_by_size(images)
+    before = spread(rescale.change_rates(network, batches, layers, torch.Generator().manual_seed(1))[0])
+    rescale.rescale_between_layers(network, images, layers, torch.Generator().manual_seed(0), iterations=2)  # 1 suffices
+    after = spread(rescale.change_rates(network, batches, layers, torch.Generator().manual_seed(1))[0])
+    assert before > 3 and after < 1.5, (before, after)
+    for name, values in pre_activations(network, images, layers).items():  # each layer: mean 0, one std for all channels
+        std = values.std(1, correction=0)
+        assert values.mean(1).abs().max() < 1e-3 * std.mean() and (std / std.mean() - 1).abs().max() < 1e-3, name
+
+
+def test_fit_rescales_on_the_evals_training_images_and_test_keeps_the_fitted_weights(tiny_world, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(common, "RESCALE_IMAGES", 6)
+    monkeypatch.setattr(rescale, "BETWEEN_LAYER_ITERATIONS", 1)
+    data = ImageNetData(str(tiny_world["imagenet"]), crop_size=128, resize_size=146, batch_size=4, val_batch_size=8, num_workers=0)
+    model = LinearProbe(backbone="random-rescaled", num_classes=20)
+    trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    images = training_images(data.train_set, 6, common.RESCALE_SEED)  # what the fit drew: 128 px training crops
+    assert [tuple(image.shape) for image in images] == [(3, 128, 128)] * 6
+    conv_layers = ("conv1", "conv2", "conv3", "conv4", "conv5")  # fc6/fc7 need 193 px: unused by the probe, left as drawn
+    for name, values in pre_activations(model.backbone, images, conv_layers).items():  # the frozen backbone is the rescaled one
+        std = values.std(1, correction=0)
+        assert values.mean(1).abs().max() < 1e-3 * std.mean() and (std / std.mean() - 1).abs().max() < 1e-3, name
+    fitted = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    trainer.test(model, datamodule=data)
+    assert all(torch.equal(v, fitted[k]) for k, v in model.backbone.state_dict().items())
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["backbone"] == "random-rescaled" and record["backbone_kind"] == "random-rescaled"
+
+
+def test_training_images_are_fixed_by_the_seed_and_leave_the_global_rng_alone():
+    dataset = [(torch.rand(3, 4, 4) * torch.rand(()), i) for i in range(5)]
+
+    class Augmented(list):
+        def __getitem__(self, index):
+            image, label = super().__getitem__(index)
+            return image + torch.rand(()), label
+
+    state = torch.get_rng_state()
+    first, second = training_images(Augmented(dataset), 7, 3), training_images(Augmented(dataset), 7, 3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(first) == 7 and all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(first[0], training_images(Augmented(dataset), 7, 4)[0])
+
+
+# ---------------------------------------------------------------------------------------------- every eval
+
+
+@pytest.mark.parametrize("spec", ["random-rescaled", "torchvision"])
+@pytest.mark.parametrize("config", DEMO_CONFIGS, ids=lambda p: p.stem)
+def test_every_eval_fits_its_demo_config_with_both_reference_backbones(config, spec, tiny_world, torchvision_alexnet, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(common, "RESCALE_IMAGES", 4)
+    monkeypatch.setattr(rescale, "BETWEEN_LAYER_IMAGES", 2)
+    monkeypatch.setattr(rescale, "BETWEEN_LAYER_ITERATIONS", 1)
+    backbone = str(torchvision_alexnet[0]) if spec == "torchvision" else spec
+    root = tiny_world["imagenet" if "linear" in config.stem else "voc"]
+    args = ["fit", "--config", str(config), "--model.init_args.backbone", backbone, "--data.init_args.root", str(root),
+            "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--data.init_args.num_workers", "0"]
+    assert crossflow(args) == 0
