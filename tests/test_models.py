@@ -23,11 +23,12 @@ def test_grouped_variant_has_half_the_conv2_weights():
     assert AlexNet(groups=2).conv("conv2").weight.shape == (256, 48, 5, 5)
 
 
+@pytest.mark.parametrize("arch, size", [("crossflow", 224), ("torchvision", 256)])  # 256: torchvision's pool5 field fits
 @pytest.mark.parametrize("layer", ["conv1", "pool1", "conv2", "pool2", "conv3", "conv5", "pool5"])
-def test_geometry_is_the_receptive_field_centre(layer):
+def test_geometry_is_the_receptive_field_centre(layer, arch, size):
     """With max pools swapped for average pools (same windows), the input pixels that reach
     unit j form its receptive field, whose centre must be stride * j + offset."""
-    network = AlexNet()
+    network = AlexNet(arch=arch)
     for name in LAYERS:
         if isinstance(network.layers[name], nn.MaxPool2d):
             pool = network.layers[name]
@@ -35,12 +36,12 @@ def test_geometry_is_the_receptive_field_centre(layer):
     for module in network.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.constant_(module.weight, 0.01)
-    image = torch.ones(1, 3, 224, 224, requires_grad=True)
+    image = torch.ones(1, 3, size, size, requires_grad=True)
     activation = network(image, [layer])[layer]
     j = activation.shape[-1] // 2  # an interior unit, away from padding
     activation[0, 0, j, j].backward()
     columns = image.grad[0, 0].abs().sum(0).nonzero().flatten()
-    stride, offset = layer_geometry()[layer]
+    stride, offset = layer_geometry(arch=arch)[layer]
     assert (columns.min() + columns.max()).item() / 2 == stride * j + offset
 
 
