@@ -52,7 +52,7 @@ $(DEMO_DIR)/pairs/index.json: $(DEMO_DIR)/videos/synth.json
 demo-data: $(DEMO_DIR)/pairs/index.json ## synthetic demo videos -> shards (the real prepare pipeline)
 
 pretrain: $(DEMO_DIR)/pairs/index.json ## the whole pipeline on the synthetic world: synth, prepare, train, export, summary
-	$(CROSSFLOW) fit --config configs/pretrain/demo.yaml $(ARGS)
+	$(CROSSFLOW) fit --config configs/pretrain/demo.yaml --data.init_args.data_dir $(DEMO_DIR)/pairs $(ARGS)
 	$(CROSSFLOW) export $(DEMO_RUN)/checkpoints/best.ckpt $(DEMO_RUN)/backbone.pt
 	$(CROSSFLOW) summary $(DEMO_RUN)
 
@@ -69,8 +69,8 @@ benchmark: $(VENV)/.installed ## throughput benchmarks; figures go to benchmarks
 # DEMO=1 uses configs/eval/demo_<name>.yaml on the synthetic world (generated if absent).
 define eval_target
 $(1): $(VENV)/.installed $(if $(DEMO),$(DEMO_DIR)/$(3)/synth.json)
-	$(CROSSFLOW) fit --config configs/eval/$(if $(DEMO),demo_)$(2).yaml --model.init_args.backbone $(BACKBONE) $(if $(DATA),--data.init_args.root $(DATA)) --trainer.default_root_dir runs/eval/$(RUN_NAME)/$(if $(DEMO),demo_)$(2) --trainer.logger.init_args.name $(RUN_NAME)-$(if $(DEMO),demo_)$(2) $(ARGS)
-	$(CROSSFLOW) test --config configs/eval/$(if $(DEMO),demo_)$(2).yaml --model.init_args.backbone $(BACKBONE) $(if $(DATA),--data.init_args.root $(DATA)) --trainer.default_root_dir runs/eval/$(RUN_NAME)/$(if $(DEMO),demo_)$(2) --trainer.logger.init_args.name $(RUN_NAME)-$(if $(DEMO),demo_)$(2) --ckpt_path last $(ARGS)
+	$(CROSSFLOW) fit --config configs/eval/$(if $(DEMO),demo_)$(2).yaml --model.init_args.backbone $(BACKBONE) $(if $(DATA),--data.init_args.root $(DATA),$(if $(DEMO),--data.init_args.root $(DEMO_DIR)/$(3))) --trainer.default_root_dir runs/eval/$(RUN_NAME)/$(if $(DEMO),demo_)$(2) --trainer.logger.init_args.name $(RUN_NAME)-$(if $(DEMO),demo_)$(2) $(ARGS)
+	$(CROSSFLOW) test --config configs/eval/$(if $(DEMO),demo_)$(2).yaml --model.init_args.backbone $(BACKBONE) $(if $(DATA),--data.init_args.root $(DATA),$(if $(DEMO),--data.init_args.root $(DEMO_DIR)/$(3))) --trainer.default_root_dir runs/eval/$(RUN_NAME)/$(if $(DEMO),demo_)$(2) --trainer.logger.init_args.name $(RUN_NAME)-$(if $(DEMO),demo_)$(2) --ckpt_path last $(ARGS)
 endef
 $(eval $(call eval_target,eval-voc-cls,voc07_cls,voc))
 $(eval $(call eval_target,eval-voc-det,voc07_det,voc))
@@ -84,16 +84,16 @@ tables: $(VENV)/.installed ## Tables 1 and 2 (markdown) from every results.json 
 # the same budget, evaluate them and the random backbones on the four demo benchmarks, write the tables.
 # Each eval lands in $(REPRO)/<row>/<benchmark>/seed<S>/results.json; an interrupted run resumes.
 repro_backbone = $(if $(filter random random-rescaled,$(1)),$(1),$(REPRO)/pretrain/$(1)/backbone.pt)
-repro_data = $(DEMO_DIR)/$(if $(filter in1k_linear,$(1)),imagenet,voc)/synth.json
+repro_data = $(DEMO_DIR)/$(if $(filter in1k_linear,$(1)),imagenet,voc)
 
 $(REPRO)/pretrain/%/backbone.pt: $(DEMO_DIR)/pairs/index.json
-	$(CROSSFLOW) fit --config configs/pretrain/demo.yaml --model.init_args.objective $* --trainer.default_root_dir $(REPRO)/pretrain/$* --trainer.logger.init_args.name reproduce-$* $(REPRO_PRETRAIN_ARGS)
+	$(CROSSFLOW) fit --config configs/pretrain/demo.yaml --data.init_args.data_dir $(DEMO_DIR)/pairs --model.init_args.objective $* --trainer.default_root_dir $(REPRO)/pretrain/$* --trainer.logger.init_args.name reproduce-$* $(REPRO_PRETRAIN_ARGS)
 	$(CROSSFLOW) export $(REPRO)/pretrain/$*/checkpoints/best.ckpt $@
 
 define repro_eval
-$(REPRO)/$(1)/$(2)/seed$(3)/results.json: $(filter %.pt,$(call repro_backbone,$(1))) $(call repro_data,$(2))
-	$(CROSSFLOW) fit --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(1)-$(2)-seed$(3) $(REPRO_EVAL_ARGS)
-	$(CROSSFLOW) test --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(1)-$(2)-seed$(3) --ckpt_path last $(REPRO_EVAL_ARGS)
+$(REPRO)/$(1)/$(2)/seed$(3)/results.json: $(filter %.pt,$(call repro_backbone,$(1))) $(call repro_data,$(2))/synth.json
+	$(CROSSFLOW) fit --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --data.init_args.root $(call repro_data,$(2)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(1)-$(2)-seed$(3) $(REPRO_EVAL_ARGS)
+	$(CROSSFLOW) test --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --data.init_args.root $(call repro_data,$(2)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(1)-$(2)-seed$(3) --ckpt_path last $(REPRO_EVAL_ARGS)
 endef
 $(foreach row,$(REPRO_ROWS),$(foreach bench,$(REPRO_BENCHMARKS),$(foreach seed,$(REPRO_SEEDS),$(eval $(call repro_eval,$(row),$(bench),$(seed))))))
 
