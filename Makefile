@@ -56,7 +56,7 @@ pretrain: $(DEMO_DIR)/pairs/index.json ## the whole pipeline on the synthetic wo
 	$(CROSSFLOW) export $(DEMO_RUN)/checkpoints/best.ckpt $(DEMO_RUN)/backbone.pt
 	$(CROSSFLOW) summary $(DEMO_RUN)
 
-test: $(VENV)/.installed ## the test suite (CPU, a few minutes)
+test: $(VENV)/.installed ## the test suite (CPU, about 10 minutes)
 	$(BIN)/pytest -q
 
 test-fast: $(VENV)/.installed ## the test suite without the end-to-end runs
