@@ -103,9 +103,14 @@ def find_results(folders: list[str]) -> list[Result]:
     return results
 
 
+def values_of(results: list[Result], row: str, benchmark: str, metric: str) -> list[float]:
+    """The recorded values of one table cell (one per run; runs without the metric left out)."""
+    return [r.metrics[metric] for r in results if r.row == row and r.benchmark == benchmark and r.metrics.get(metric) is not None]
+
+
 def cell(values: list[float]) -> str:
     """Fractions -> '%' with one decimal; several values -> 'mean ± std (n)'."""
-    percent = [100 * v for v in values if v is not None and not math.isnan(v)]
+    percent = [100 * v for v in values if not math.isnan(v)]
     if not percent:
         return "-"
     if len(percent) == 1:
@@ -124,7 +129,7 @@ def table(results: list[Result], columns: tuple, with_paper: bool) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in ordered_rows(results):
         label, supervision = ROWS.get(row, (f"`{row}`", "?"))
-        values = [cell([r.metrics.get(metric) for r in results if r.row == row and r.benchmark == bench]) for bench, metric, _ in columns]
+        values = [cell(values_of(results, row, bench, metric)) for bench, metric, _ in columns]
         if all(v == "-" for v in values):
             continue
         lines.append("| " + " | ".join([label, supervision, *values]) + " |")
@@ -162,7 +167,7 @@ def log_to_wandb(markdown: str, results: list[Result], out_dir: Path) -> str:
     rows = []
     for row in ordered_rows(results):
         for bench, metric, _ in TABLE1 + TABLE2:
-            values = [r.metrics[metric] for r in results if r.row == row and r.benchmark == bench and r.metrics.get(metric) is not None]
+            values = values_of(results, row, bench, metric)
             if values:
                 rows.append([ROWS.get(row, (row,))[0], bench, metric, 100 * statistics.mean(values), len(values)])
     run = wandb.init(project="crossflow", job_type="report", dir=str(out_dir), reinit="finish_previous")

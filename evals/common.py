@@ -95,13 +95,13 @@ def write_results(trainer: L.Trainer, benchmark: str, metrics: dict, per_class: 
     Returns the path. ``metrics`` maps names to floats; ``per_class`` maps metric names to {class: value}.
     """
     path = Path(trainer.default_root_dir) / "results.json"
-    per_class = {metric: {k: _json_number(v) for k, v in values.items()} for metric, values in per_class.items()}
-    seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything
-    record = {
-        "benchmark": benchmark, "metrics": metrics, "per_class": per_class, **backbone_identity(backbone),
-        "seed": None if seed is None else int(seed), "config": config,
-    }
-    if trainer.is_global_zero:
+    if trainer.is_global_zero:  # only rank 0 reads the backbone file (identity, SHA-256) and writes
+        per_class = {metric: {k: _json_number(v) for k, v in values.items()} for metric, values in per_class.items()}
+        seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything
+        record = {
+            "benchmark": benchmark, "metrics": metrics, "per_class": per_class, **backbone_identity(backbone),
+            "seed": None if seed is None else int(seed), "config": config,
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         partial.write_text(json.dumps(record, indent=2, default=str))
