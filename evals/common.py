@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from crossflow.errors import InvalidInputError
 from crossflow.models import load_backbone
 from crossflow.models.alexnet import CONV_LAYERS, AlexNet
 from crossflow.models.backbone import file_sha256, read_backbone_file
@@ -66,7 +67,7 @@ def setup_backbone(module: L.LightningModule, network: AlexNet, stage: str) -> N
         return
     datamodule = module.trainer.datamodule
     if datamodule is None:
-        raise ValueError("backbone random-rescaled needs a datamodule: its training images fit the rescaling")
+        raise InvalidInputError("backbone random-rescaled needs a datamodule: its training images fit the rescaling")
     images = training_images(datamodule.train_dataloader().dataset, RESCALE_IMAGES, RESCALE_SEED)
     layers = data_dependent_rescale(network, images, RESCALE_SEED)
     unreached = [name for name in CONV_LAYERS if name not in layers]

@@ -9,7 +9,9 @@ cache serves any setting.
 
 Selective search (Uijlings et al.) in OpenCV contrib's "fast" mode is the Fast R-CNN
 proposal method. Computation runs in parallel processes with a progress bar; each file
-is written atomically, so an interrupted run resumes where it stopped.
+is written atomically, so an interrupted run resumes where it stopped. OpenCV ranks the
+boxes with the C library's ``rand()`` (rank = random x hierarchy level), so the C random
+state is reset before each image: the same image always gives the same boxes in the same order.
 The Fast R-CNN authors' own selective-search boxes (``voc_2007_{trainval,test}.mat``)
 convert to this format with ``python -m evals.proposals import-mat FILE.mat OUT_DIR``.
 """
@@ -17,6 +19,7 @@ convert to this format with ``python -m evals.proposals import-mat FILE.mat OUT_
 from __future__ import annotations
 
 import argparse
+import ctypes
 import multiprocessing
 import os
 from pathlib import Path
@@ -26,6 +29,8 @@ import torch
 from torchvision.ops import remove_small_boxes
 from tqdm import tqdm
 
+from crossflow.errors import InvalidInputError, MissingInputError
+
 MODES = ("fast", "quality", "single")
 
 
@@ -34,6 +39,7 @@ def selective_search(image_rgb: np.ndarray, mode: str = "fast") -> np.ndarray:
     import cv2
 
     cv2.setNumThreads(1)
+    ctypes.CDLL(None).srand(0)  # OpenCV's box ranking draws from rand(): same image, same order
     search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     search.setBaseImage(np.ascontiguousarray(image_rgb[:, :, ::-1]))  # OpenCV wants BGR
     {"fast": search.switchToSelectiveSearchFast, "quality": search.switchToSelectiveSearchQuality, "single": search.switchToSingleStrategy}[mode]()
@@ -77,7 +83,7 @@ class ProposalStore:
 
     def __init__(self, folder: str | Path, compute: bool = True, mode: str = "fast", max_proposals: int = 2000, min_size: float = 20):
         if mode not in MODES:
-            raise ValueError(f"selective search mode {mode!r}; choose from {MODES}")
+            raise InvalidInputError(f"selective search mode {mode!r}; choose from {MODES}")
         self.folder = Path(folder)
         self.compute = compute
         self.mode = mode
@@ -96,12 +102,17 @@ class ProposalStore:
         if not todo:
             return 0
         if not self.compute:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{len(todo)} proposal files missing in {self.folder} (e.g. {self.path(todo[0])}): expected one "
                 "<image_id>.npy per image, float32 [N, 4] x1,y1,x2,y2 0-based inclusive pixels, best first; "
                 "set compute_proposals: true to compute them by selective search"
             )
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InvalidInputError(f"cannot create the proposal folder {self.folder} ({error.strerror}): set proposal_dir to a writable folder") from None
+        if not os.access(self.folder, os.W_OK):
+            raise InvalidInputError(f"cannot write proposals in {self.folder} (read-only): set proposal_dir to a writable folder")
         jobs = [(i, str(images[i]), str(self.path(i)), self.mode) for i in todo]
         progress = tqdm(total=len(jobs), desc=f"selective search ({self.mode}) -> {self.folder}", unit="img")
         if workers <= 1:
@@ -120,7 +131,7 @@ class ProposalStore:
         """Filtered proposals ``[N, 4]`` float32 of one image (original image pixels)."""
         path = self.path(image_id)
         if not path.is_file():
-            raise FileNotFoundError(f"no proposal file {path}; run the data module's prepare_data (or see evals/proposals.py for the format)")
+            raise MissingInputError(f"no proposal file {path}; run the data module's prepare_data (or see evals/proposals.py for the format)")
         return filter_proposals(np.load(path), self.max_proposals, self.min_size)
 
 

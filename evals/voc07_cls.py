@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from crossflow.errors import InvalidInputError
 from crossflow.models.alexnet import CONV_LAYERS
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
 from evals.common import backbone_from_spec, setup_backbone, write_results
@@ -52,7 +53,7 @@ class RandomScaleCrop:
 
     def __init__(self, size: int, min_scale: float = 0.5, max_scale: float = 2.0, flip: bool = True):
         if not 0 < min_scale <= max_scale:
-            raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+            raise InvalidInputError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
         self.size, self.min_scale, self.max_scale, self.flip = size, min_scale, max_scale, flip
 
     def __call__(self, image: Tensor) -> Tensor:
@@ -170,7 +171,7 @@ class VOC07Classification(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if train_layers not in TRAINED_LAYERS:
-            raise ValueError(f"train_layers must be one of {sorted(TRAINED_LAYERS)}, got {train_layers!r}")
+            raise InvalidInputError(f"train_layers must be one of {sorted(TRAINED_LAYERS)}, got {train_layers!r}")
         self.network = backbone_from_spec(backbone).train()  # no BN; the dropout is ours
         for name in CONV_LAYERS:
             self.network.layers[name].requires_grad_(name in TRAINED_LAYERS[train_layers])
@@ -187,7 +188,7 @@ class VOC07Classification(L.LightningModule):
         """``images [B, 3, S, S]`` (S = 224) -> class scores ``[B, 20]``."""
         pool5 = self.network(images, taps=("pool5",))["pool5"]
         if pool5.shape[-2:] != (6, 6):
-            raise ValueError(
+            raise InvalidInputError(
                 f"input {tuple(images.shape[-2:])} gives a {tuple(pool5.shape[-2:])} pool5 map; the classifier needs 6x6 "
                 "(fc6, fc7 1x1): use crop_size 224"
             )

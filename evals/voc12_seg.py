@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.models.alexnet import LAYERS
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
 from crossflow.models.hypercolumn import HypercolumnMLP, dense_head_output, sparse_hypercolumn
@@ -76,7 +77,7 @@ def read_label_png(path: str | Path) -> np.ndarray:
     if mode == "P":
         return read_segmentation_mask(path)
     if mode != "L":
-        raise ValueError(f"{path}: expected a palette (VOC) or grayscale (SegmentationClassAug) label PNG, got mode {mode}")
+        raise InvalidInputError(f"{path}: expected a palette (VOC) or grayscale (SegmentationClassAug) label PNG, got mode {mode}")
     with Image.open(path) as image:
         return np.array(image, dtype=np.uint8)
 
@@ -97,7 +98,7 @@ def sbd_dataset_dir(sbd_root: str | Path) -> Path:
     for candidate in (root, root / "dataset", root / "benchmark_RELEASE" / "dataset"):
         if (candidate / "cls").is_dir():
             return candidate
-    raise FileNotFoundError(f"SBD not found under {root}: expected {root}/cls/*.mat and {root}/{{train,val}}.txt; "
+    raise MissingInputError(f"SBD not found under {root}: expected {root}/cls/*.mat and {root}/{{train,val}}.txt; "
                             f"{SBD_HINT}")
 
 
@@ -113,24 +114,24 @@ def train_aug_samples(voc_dir: Path, sbd_root: str | None, aug_label_dir: str | 
     if aug_label_dir is not None:
         labels = {path.stem: path for path in sorted(Path(aug_label_dir).glob("*.png"))}
         if not labels:
-            raise FileNotFoundError(f"no label PNGs in {aug_label_dir} (expected SegmentationClassAug/<id>.png); {SBD_HINT}")
+            raise MissingInputError(f"no label PNGs in {aug_label_dir} (expected SegmentationClassAug/<id>.png); {SBD_HINT}")
         missing = sorted(voc_train - labels.keys())
         if missing:
-            raise FileNotFoundError(f"{aug_label_dir} lacks labels for VOC2012 train images, e.g. {missing[0]}.png")
+            raise MissingInputError(f"{aug_label_dir} lacks labels for VOC2012 train images, e.g. {missing[0]}.png")
     elif sbd_root is not None:
         sbd = sbd_dataset_dir(sbd_root)
         sbd_ids = set(read_ids(sbd / "train.txt")) | set(read_ids(sbd / "val.txt"))
         labels = {i: sbd / "cls" / f"{i}.mat" for i in sbd_ids}
         labels.update({i: voc_dir / "SegmentationClass" / f"{i}.png" for i in voc_train})
     else:
-        raise ValueError(f"train_split 'train_aug' needs sbd_root or aug_label_dir; {SBD_HINT}")
+        raise InvalidInputError(f"train_split 'train_aug' needs sbd_root or aug_label_dir; {SBD_HINT}")
     ids = sorted((voc_train | labels.keys()) - voc_val)
     return [(voc_dir / "JPEGImages" / f"{i}.jpg", labels[i]) for i in ids]
 
 
 def read_ids(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"image list not found: {path}; {SBD_HINT}")
+        raise MissingInputError(f"image list not found: {path}; {SBD_HINT}")
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -146,7 +147,7 @@ def check_exist(samples: list[tuple[Path, Path]]) -> None:
     for pair in samples:
         for path in pair:
             if not path.is_file():
-                raise FileNotFoundError(f"missing {path} (expected the standard VOCdevkit/SBD layouts)")
+                raise MissingInputError(f"missing {path} (expected the standard VOCdevkit/SBD layouts)")
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from crossflow.errors import InvalidInputError
+
 LAYERS = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
 ARCHS = ("crossflow", "torchvision")
@@ -76,7 +78,7 @@ def layer_specs(groups: int = 1, arch: str = "crossflow") -> "OrderedDict[str, L
             fc6=LayerSpec("conv", 6, 1, 0, 256, 4096),
             fc7=LayerSpec("conv", 1, 1, 0, 4096, 4096),
         )
-    raise ValueError(f"unknown AlexNet arch {arch!r}; choose from {ARCHS}")
+    raise InvalidInputError(f"unknown AlexNet arch {arch!r}; choose from {ARCHS}")
 
 
 def specs_geometry(specs: "OrderedDict[str, LayerSpec]") -> dict[str, tuple[float, float]]:
@@ -107,7 +109,7 @@ def specs_min_input_size(specs: "OrderedDict[str, LayerSpec]", layer: str) -> in
     """
     names = list(specs)
     if layer not in names:
-        raise ValueError(f"unknown AlexNet layer {layer!r}; choose from {LAYERS}")
+        raise InvalidInputError(f"unknown AlexNet layer {layer!r}; choose from {LAYERS}")
     size = 1
     for name in reversed(names[: names.index(layer) + 1]):
         spec = specs[name]
@@ -164,7 +166,7 @@ class AlexNet(nn.Module):
         """x: ``[B, 3, H, W]`` normalised image -> ``{tap: [B, C, h, w]}``, stopping at the deepest tap."""
         unknown = set(taps) - set(LAYERS)
         if unknown:
-            raise ValueError(f"unknown AlexNet layer(s) {sorted(unknown)}; choose from {LAYERS}")
+            raise InvalidInputError(f"unknown AlexNet layer(s) {sorted(unknown)}; choose from {LAYERS}")
         last = max(LAYERS.index(t) for t in taps)
         outputs = {}
         for name in LAYERS[: last + 1]:
