@@ -1,10 +1,24 @@
 """Scale/crop/flip augmentation keeps frame and flow consistent; pixel sampling; batch contents."""
 
+import json
+import os
+import shutil
+import tarfile
+
 import cv2
 import numpy as np
 import pytest
+import webdataset as wds
 
-from crossflow.data.pairs import Augmentation, read_index, sample_points
+from crossflow.data.pairs import (
+    PAIRS_FORMAT,
+    Augmentation,
+    PairShards,
+    collate_skipping_failures,
+    member_index_path,
+    read_index,
+    sample_points,
+)
 
 
 def textured(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -73,3 +87,52 @@ def test_points_are_drawn_among_valid_pixels_without_repeats():
 def test_missing_pairs_folder_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="crossflow prepare"):
         read_index(tmp_path / "nowhere")
+
+
+def shard_items(pairs_dir, split: str) -> list:
+    dataset = PairShards(pairs_dir, split, Augmentation(64, train=False), num_points=8)
+    return list(zip(dataset.shard_of.tolist(), dataset.keys.tolist(), dataset.spans.tolist()))
+
+
+def test_prepare_caches_member_offsets_and_a_damaged_or_stale_cache_is_rebuilt(tiny_pairs, tmp_path):
+    pairs = tmp_path / "pairs"
+    shutil.copytree(tiny_pairs, pairs)  # keeps mtimes: the caches still match their shards
+    train, val = (sorted((pairs / split).glob("shard-*.tar"))[0] for split in ("train", "val"))
+    for shard in (train, val):
+        cached = json.loads(member_index_path(shard).read_text())["members"]
+        with tarfile.open(shard) as tar, open(shard, "rb") as raw:
+            members = tar.getmembers()
+            assert len(members) == sum(len(m) for m in cached.values()) == 3 * len(cached) > 0
+            for member in members:
+                key, suffix = member.name.split(".", 1)
+                offset, size = cached[key][suffix]
+                raw.seek(offset)
+                assert raw.read(size) == tar.extractfile(member).read()
+    expected = {split: shard_items(pairs, split) for split in ("train", "val")}
+    member_index_path(train).write_text('{"shard": [')  # damaged (an interrupted copy, say)
+    os.utime(val, ns=(10**18, 10**18))  # the shard changed after its cache was written
+    assert {split: shard_items(pairs, split) for split in ("train", "val")} == expected
+    for shard in (train, val):
+        stat = shard.stat()
+        assert json.loads(member_index_path(shard).read_text())["shard"] == [stat.st_size, stat.st_mtime_ns]
+
+
+def test_undecodable_or_incomplete_samples_are_skipped_with_one_warning_per_shard(tiny_pairs, tmp_path):
+    shard = sorted((tiny_pairs / "train").glob("shard-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        first_key = tar.getnames()[0].split(".")[0]
+        good = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.startswith(first_key + ".")}
+    assert set(good) == {"frame.jpg", "flow.png", "meta.json"}
+    (tmp_path / "train").mkdir()
+    with wds.TarWriter(str(tmp_path / "train" / "shard-000000.tar"), encoder=False) as writer:
+        writer.write({"__key__": "a_good", **good})
+        writer.write({"__key__": "b_bad_jpeg", **good, "frame.jpg": b"not a jpeg"})
+        writer.write({"__key__": "c_no_flow", "frame.jpg": good["frame.jpg"], "meta.json": good["meta.json"]})
+    shards = {"num_samples": 3, "shards": [{"path": "train/shard-000000.tar", "num_samples": 3}]}
+    (tmp_path / "index.json").write_text(json.dumps({"format": PAIRS_FORMAT, "splits": {"train": shards}}))
+    dataset = PairShards(tmp_path, "train", Augmentation(64, train=False), num_points=8)
+    with pytest.warns(UserWarning, match="skipping undecodable sample b_bad_jpeg") as warned:
+        batch = collate_skipping_failures([dataset[i] for i in range(3)])
+    assert len(warned) == 1 and dataset.failures == {tmp_path / "train" / "shard-000000.tar": 2}
+    assert batch["key"] == ["a_good"] and batch["image"].shape == (1, 3, 64, 64) and batch["flow"].shape == (1, 8, 2)
+    assert collate_skipping_failures([dataset[1], dataset[2]]) is None

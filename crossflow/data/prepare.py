@@ -5,6 +5,7 @@ Layout of ``DIR``::
     settings.json                 the options that shape the output, and how many shards each split has
     {train,val}/shard-NNNNNN.tar  samples <key>.frame.jpg (RGB), .flow.png (KITTI 16-bit, t -> t+gap,
                                   pixels of the stored frame), .meta.json; key = <video-id>_<t:06d>
+    {train,val}/shard-NNNNNN.tar.members.json   the shard's member offsets (see crossflow.data.pairs)
     records/{split}-NNNNNN.json   written right after its shard: marks that shard done
     skipped.jsonl                 skipped videos and pairs, with reasons
     index.json                    what the training DataModule reads
@@ -29,7 +30,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,9 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from crossflow.data.pairs import write_member_index
 from crossflow.errors import UserInputError
+from crossflow.files import write_text_atomic
 from crossflow.flow import FLOW_METHODS, encode_kitti_png_bytes, estimate_flow, resolve_flow_params
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ogv")
@@ -355,16 +357,8 @@ def _video_results(jobs: list[VideoJob], workers: int) -> Iterator[Iterator[Vide
 # Writing
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Atomically: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-
-
 def _write_json(path: Path, data) -> None:
-    _write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def _read_json(path: Path):
@@ -393,6 +387,7 @@ def write_group(out: Path, group: Group, results: Iterable[VideoResult], on_vide
         os.fsync(stream.fileno())
     if num_samples:
         os.replace(partial, shard)
+        write_member_index(shard)  # training then starts without scanning the tar headers
     else:
         partial.unlink()
     shard_path = group.shard if num_samples else None
@@ -431,7 +426,7 @@ def finalize(out: Path) -> dict | None:
         return None
     records = [(group, _read_json(out / group.record)) for group in groups]
     skipped = [json.dumps(entry, sort_keys=True) + "\n" for _, record in records for entry in record["skipped"]]
-    _write_text(out / "skipped.jsonl", "".join(skipped))
+    write_text_atomic(out / "skipped.jsonl", "".join(skipped))
     index = _index(plan, records)
     if index["counts"]["pairs"] == 0:
         raise PrepareError(
