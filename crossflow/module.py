@@ -17,7 +17,7 @@ from torch import nn
 
 from crossflow.losses import cross_pixel_similarity_loss, flow_classification_loss, flow_target_entropy, flow_to_bins
 from crossflow.models.alexnet import LAYERS, AlexNet
-from crossflow.models.hypercolumn import HypercolumnMLP, dense_head_output
+from crossflow.models.hypercolumn import HypercolumnMLP
 
 Objective = Literal["cross_pixel", "flow_classification"]
 
@@ -83,10 +83,10 @@ class CrossFlowPretraining(L.LightningModule):
 
     @torch.no_grad()
     def dense_output(self, images: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """The head at every pixel, ``chunk`` pixels at a time (:func:`dense_head_output`, as the segmentation eval):
-        images ``[B, 3, H, W]`` -> ``[B, D, H, W]`` (or ``[B, 2K, H, W]`` logits for ``flow_classification``)."""
+        """The head at every pixel, ``chunk`` pixels at a time (:meth:`HypercolumnMLP.forward_dense`, as the segmentation
+        eval): images ``[B, 3, H, W]`` -> ``[B, D, H, W]`` (or ``[B, 2K, H, W]`` logits for ``flow_classification``)."""
         taps = self.hparams.taps
-        return dense_head_output(self.backbone(images, taps), self.geometry, taps, self.head, tuple(images.shape[-2:]), chunk)
+        return self.head.forward_dense(self.backbone(images, taps), self.geometry, taps, tuple(images.shape[-2:]), chunk)
 
     def dense_embeddings(self, images: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """Unit embeddings ``phi_p / ||phi_p||`` at every pixel: ``[B, 3, H, W]`` -> ``[B, D, H, W]`` (no gradient)."""

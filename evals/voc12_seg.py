@@ -21,9 +21,9 @@ AlexNet, 223 for the torchvision one). Smaller images are zero-padded at the bot
 the mean colour after normalisation) before the backbone runs; pixel coordinates are unchanged, and only the
 original pixels are predicted and scored.
 
-Dense test: the head runs at every pixel through ``dense_head_output`` in chunks of ``dense_chunk`` pixels.
-Its first layer is applied to each tap at the tap's own resolution before sampling (exact, see
-:class:`TapSumHead`), which makes full-resolution inference cheap; tests check it equals the sparse path.
+Dense test: the head runs at every pixel through ``HypercolumnMLP.forward_dense`` in chunks of ``dense_chunk``
+pixels. Its first layer is applied to each tap at the tap's own resolution before sampling (exact, see
+``HypercolumnMLP.project_taps``), which makes full-resolution inference cheap; tests check it equals the sparse path.
 """
 
 from __future__ import annotations
@@ -38,14 +38,13 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.models.alexnet import LAYERS
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
-from crossflow.models.hypercolumn import HypercolumnMLP, dense_head_output, sparse_hypercolumn
+from crossflow.models.hypercolumn import HypercolumnMLP, sparse_hypercolumn
 from evals.common import backbone_from_spec, setup_backbone, write_results
 from evals.overlays import OverlayCollector, segmentation_comparison
 from evals.voc import VOC_CLASSES, VOID_LABEL, read_image_set, read_rgb, read_segmentation_mask, year_dir
@@ -331,24 +330,6 @@ def stage_learning_rates(
     return lr, lr
 
 
-class TapSumHead(nn.Module):
-    """The MLP after its first linear layer, fed projected taps instead of the raw hypercolumn.
-
-    The first layer is linear and bilinear sampling is linear (a convex combination), so
-    ``W1 [f_1; ...; f_T](p) + b1 = sum_t sample(W1_t f_t)(p) + b1``: projecting each tap at its own
-    resolution first is exact, and at every pixel it reads ``M * hidden`` values (M maps, one per distinct
-    geometry) instead of the 9,568-wide hypercolumn. Input ``[B, N, M * hidden]`` -> ``[B, N, out]``.
-    """
-
-    def __init__(self, head: HypercolumnMLP, num_maps: int):
-        super().__init__()
-        self.first, self.rest, self.num_maps = head.mlp[0], head.mlp[1:], num_maps
-
-    def forward(self, projections: torch.Tensor) -> torch.Tensor:
-        summed = projections.unflatten(-1, (self.num_maps, -1)).sum(-2) + self.first.bias
-        return self.rest(summed)
-
-
 class VOC12Segmentation(L.LightningModule):
     """Backbone taps -> sparse hypercolumn -> MLP (one hidden layer) -> 21 class scores per pixel.
 
@@ -398,23 +379,9 @@ class VOC12Segmentation(L.LightningModule):
 
     def dense_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class scores at every pixel, ``[B, 3, H, W]`` -> ``[B, 21, H, W]``, ``dense_chunk`` pixels at a time."""
-        maps, geometry = self.projected_taps(self.activations(images))
-        head = TapSumHead(self.head, len(maps))
-        return dense_head_output(maps, geometry, list(maps), head, tuple(images.shape[-2:]), self.hparams.dense_chunk)
+        activations = self.activations(images)
+        return self.head.forward_dense(activations, self.geometry, self.taps, tuple(images.shape[-2:]), self.hparams.dense_chunk)
 
-    def projected_taps(self, activations: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-        """The MLP's first layer applied to each tap at its own resolution (a 1x1 convolution with the tap's slice
-        of its weight), summed over taps of equal geometry (conv3-5, fc6-7): ``{name: [B, hidden, h, w]}`` and
-        ``{name: (stride, offset)}``.
-        """
-        weights = self.head.mlp[0].weight.split(self.tap_channels, dim=1)
-        maps, geometry = {}, {}
-        for tap, weight in zip(self.taps, weights):
-            name = next((n for n, g in geometry.items() if g == self.geometry[tap]), tap)
-            projection = F.conv2d(activations[tap], weight[:, :, None, None])
-            maps[name] = maps[name] + projection if name in maps else projection
-            geometry[name] = self.geometry[tap]
-        return maps, geometry
 
     # ------------------------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from crossflow.models import AlexNet, LAYERS, fold_batch_norm, layer_geometry, load_backbone, save_backbone, sample_at_points
-from crossflow.models.hypercolumn import HypercolumnMLP, dense_head_output, sparse_hypercolumn
+from crossflow.models.hypercolumn import HypercolumnMLP, sparse_hypercolumn
 
 
 def test_shapes_at_224():
@@ -84,14 +84,23 @@ def test_head_at_points_equals_head_on_the_concatenated_hypercolumn():
     torch.testing.assert_close(head.forward_at_points(activations, points, layer_geometry(), taps), expected)
 
 
-def test_dense_output_equals_sparse_output_at_every_pixel():
-    network, head = AlexNet(), HypercolumnMLP(96 + 384, 8, 3)
-    taps = ["conv1", "conv3"]
-    activations = network(torch.randn(1, 3, 40, 36), taps)
-    dense = dense_head_output(activations, layer_geometry(), taps, head, (40, 36), chunk=100)
-    points = torch.tensor([[[0.0, 0.0], [35.0, 39.0], [17.0, 5.0]]])
-    sparse = head(sparse_hypercolumn(activations, points, layer_geometry(), taps))
-    torch.testing.assert_close(dense[0, :, [0, 39, 5], [0, 35, 17]].T, sparse[0])
+@pytest.mark.parametrize("size, taps", [
+    ((40, 36), ["conv1", "pool1", "conv3", "conv4"]),
+    ((200, 196), ["conv1", "pool1", "conv3", "conv4", "pool5", "fc6", "fc7"]),  # conv3/4 and fc6/7 share a projected map
+])
+def test_dense_output_equals_the_head_on_the_hypercolumn_at_every_pixel(size, taps):
+    torch.manual_seed(0)
+    network = AlexNet().double()
+    head = HypercolumnMLP(sum(network.channels[t] for t in taps), 8, 3).double()
+    activations = network(torch.randn(2, 3, *size, dtype=torch.float64), taps)
+    dense = head.forward_dense(activations, layer_geometry(), taps, size, chunk=1000)
+    height, width = size
+    assert dense.shape == (2, 3, height, width)
+    xs, ys = torch.randint(0, width, (300,)), torch.randint(0, height, (300,))
+    xs[:2], ys[:2] = torch.tensor([0, width - 1]), torch.tensor([0, height - 1])  # two corners
+    points = torch.stack([xs, ys], -1).double().expand(2, -1, -1)
+    expected = head(sparse_hypercolumn(activations, points, layer_geometry(), taps))
+    torch.testing.assert_close(dense[:, :, ys, xs].transpose(1, 2), expected)
 
 
 @pytest.fixture(scope="module")

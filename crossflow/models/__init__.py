@@ -4,11 +4,11 @@ from crossflow.models.alexnet import ARCHS, LAYERS, AlexNet, layer_channels, lay
 from crossflow.models.backbone import (
     IMAGE_MEAN, IMAGE_STD, alexnet_from_torchvision, fold_batch_norm, load_backbone, save_backbone,
 )
-from crossflow.models.hypercolumn import HypercolumnMLP, dense_head_output, sample_at_points, sparse_hypercolumn
+from crossflow.models.hypercolumn import HypercolumnMLP, sample_at_points, sparse_hypercolumn
 from crossflow.models.rescale import data_dependent_rescale
 
 __all__ = [
     "ARCHS", "LAYERS", "AlexNet", "layer_channels", "layer_geometry", "IMAGE_MEAN", "IMAGE_STD", "alexnet_from_torchvision",
-    "fold_batch_norm", "load_backbone", "save_backbone", "HypercolumnMLP", "dense_head_output", "sample_at_points",
+    "fold_batch_norm", "load_backbone", "save_backbone", "HypercolumnMLP", "sample_at_points",
     "sparse_hypercolumn", "data_dependent_rescale",
 ]

@@ -87,24 +87,42 @@ class HypercolumnMLP(nn.Module):
                 hidden = hidden + sample_at_points(features, points, *geometry[tap]) @ weight.T
         return self.mlp[1:](hidden)
 
+    def project_taps(
+        self, activations: Mapping[str, torch.Tensor], geometry: Mapping[str, tuple[float, float]], taps: list[str] | tuple[str, ...]
+    ) -> list[tuple[torch.Tensor, tuple[float, float]]]:
+        """The first layer applied to each tap at the tap's own resolution (a 1x1 convolution with its slice of
+        ``W``), summed over taps of equal geometry and size (conv3-5; fc6-7): ``[(map [B, hidden, h, w], (stride, offset))]``.
 
-def dense_head_output(
-    activations: Mapping[str, torch.Tensor],
-    geometry: Mapping[str, tuple[float, float]],
-    taps: list[str] | tuple[str, ...],
-    head: nn.Module,
-    image_size: tuple[int, int],
-    chunk: int = 4096,
-) -> torch.Tensor:
-    """The head evaluated at every pixel of the input, in chunks of ``chunk`` pixels to bound memory.
+        Bilinear sampling is linear, so ``W [x_1; ...; x_T](p) = sum_t sample(W_t x_t)(p)``: exact.
+        """
+        weights = self.mlp[0].weight.split([activations[t].shape[1] for t in taps], dim=1)
+        maps: dict[tuple, torch.Tensor] = {}
+        for tap, weight in zip(taps, weights):
+            group = (geometry[tap], activations[tap].shape[-2:])
+            projection = F.conv2d(activations[tap], weight[:, :, None, None])
+            maps[group] = maps[group] + projection if group in maps else projection
+        return [(projection, group[0]) for group, projection in maps.items()]
 
-    ``activations`` are one forward pass of a batch; returns ``[B, out_dim, H, W]``.
-    """
-    height, width = image_size
-    batch = next(iter(activations.values())).shape[0]
-    device = next(iter(activations.values())).device
-    outputs = []
-    for coords in pixel_grid_chunks(height, width, chunk, device=device):
-        points = coords.unsqueeze(0).expand(batch, -1, -1)
-        outputs.append(head(sparse_hypercolumn(activations, points, geometry, taps)))
-    return torch.cat(outputs, dim=1).transpose(1, 2).reshape(batch, -1, height, width)
+    def forward_dense(
+        self,
+        activations: Mapping[str, torch.Tensor],
+        geometry: Mapping[str, tuple[float, float]],
+        taps: list[str] | tuple[str, ...],
+        image_size: tuple[int, int],
+        chunk: int = 4096,
+    ) -> torch.Tensor:
+        """The head at every pixel of the ``image_size`` input, ``chunk`` pixels at a time to bound memory: ``[B, out_dim, H, W]``.
+
+        The same values as :meth:`forward_at_points` at each pixel, but each pixel reads the projected
+        maps of :meth:`project_taps` (``hidden`` values per geometry) instead of the full hypercolumn,
+        so the first layer's cost is paid at the taps' resolution, not at every pixel.
+        """
+        projected = self.project_taps(activations, geometry, taps)
+        height, width = image_size
+        batch = projected[0][0].shape[0]
+        outputs = []
+        for coords in pixel_grid_chunks(height, width, chunk, device=projected[0][0].device):
+            points = coords.unsqueeze(0).expand(batch, -1, -1)
+            hidden = self.mlp[0].bias + sum(sample_at_points(m, points, *g) for m, g in projected)
+            outputs.append(self.mlp[1:](hidden))
+        return torch.cat(outputs, dim=1).transpose(1, 2).reshape(batch, -1, height, width)
