@@ -21,7 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from crossflow.errors import InvalidInputError
@@ -34,6 +34,7 @@ RANDOM_BACKBONE = "random"
 RESCALED_BACKBONE = "random-rescaled"
 RESCALE_IMAGES = 160  # magic_init's example: 10 batches of 16 images
 RESCALE_SEED = 0
+PROVENANCE_KEY = "crossflow_backbone"  # where checkpoints keep the fitted backbone's identity
 
 
 def backbone_from_spec(spec: str | None) -> AlexNet:
@@ -55,14 +56,48 @@ def backbone_identity(spec: str | None) -> dict:
     return {"backbone": str(spec), "backbone_kind": kind, "backbone_source": source, "backbone_sha256": file_sha256(spec)}
 
 
+class BackboneProvenance:
+    """Mixin of the eval LightningModules: which backbone the fine-tuned weights started from.
+
+    Its identity (:func:`backbone_identity`) is taken when fitting starts, stored in every checkpoint and read
+    back when one is loaded (``test --ckpt_path``, a resumed fit), so results.json names the backbone that was
+    fine-tuned even when the file at that path has since been replaced (a re-export, say), with a warning.
+    (LightningCLI takes the model arguments, ``backbone`` included, from the checkpoint itself.)
+    """
+
+    fitted_backbone: dict | None = None
+
+    def backbone_record(self) -> dict:
+        """What results.json records about the backbone: the fitted one, else the one named (an untrained test)."""
+        return self.fitted_backbone or backbone_identity(self.hparams.backbone)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[PROVENANCE_KEY] = self.fitted_backbone
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        fitted = checkpoint.get(PROVENANCE_KEY)
+        if fitted is None:
+            return  # a checkpoint from before provenance was recorded
+        now = backbone_identity(self.hparams.backbone)
+        if (now["backbone_kind"], now["backbone_sha256"]) != (fitted["backbone_kind"], fitted["backbone_sha256"]):
+            rank_zero_warn(
+                f"{now['backbone']} is not the backbone this checkpoint was fine-tuned from (sha256 {fitted['backbone_sha256']}, "
+                f"now {now['backbone_sha256']}); the weights come from the checkpoint and results.json records the fine-tuned one"
+            )
+        self.fitted_backbone = fitted
+
+
 def setup_backbone(module: L.LightningModule, network: AlexNet, stage: str) -> None:
-    """Every eval's ``setup`` step: with ``backbone: random-rescaled``, rescale ``network`` in place when fitting starts.
+    """Every eval's ``setup`` step: when fitting starts, note the backbone's identity (:class:`BackboneProvenance`)
+    and, with ``backbone: random-rescaled``, rescale ``network`` in place.
 
     The images are :func:`training_images` of the datamodule's training set (``RESCALE_IMAGES`` of them, with
     the eval's own augmentation and crop size, fixed by ``RESCALE_SEED``). Nothing happens for other specs or
     stages: at ``test`` (or when a fit resumes) the fitted weights come from the checkpoint, which Lightning
     loads after ``setup``. DDP ranks compute the same weights (and DDP broadcasts rank 0's anyway).
     """
+    if stage == "fit" and module.fitted_backbone is None:
+        module.fitted_backbone = backbone_identity(module.hparams.backbone)
     if stage != "fit" or module.hparams.backbone != RESCALED_BACKBONE:
         return
     datamodule = module.trainer.datamodule
@@ -90,17 +125,21 @@ def item_image(item) -> Tensor:
     return item["image"] if isinstance(item, Mapping) else item[0]
 
 
-def write_results(trainer: L.Trainer, benchmark: str, metrics: dict, per_class: dict, backbone: str | None, config: dict) -> Path:
+def write_results(module: L.LightningModule, benchmark: str, metrics: dict, per_class: dict) -> Path:
     """Write ``<default_root_dir>/results.json`` atomically (rank 0 only) and log it to W&B when that is the logger.
 
-    Returns the path. ``metrics`` maps names to floats; ``per_class`` maps metric names to {class: value}.
+    Returns the path. ``metrics`` maps names to floats; ``per_class`` maps metric names to {class: value}. The record
+    adds the backbone (``module``'s :meth:`BackboneProvenance.backbone_record`), the seed and the model and data settings.
     """
+    trainer = module.trainer
+    datamodule = getattr(trainer, "datamodule", None)
+    config = {"model": dict(module.hparams), "data": dict(datamodule.hparams) if datamodule is not None else {}}
     path = Path(trainer.default_root_dir) / "results.json"
-    if trainer.is_global_zero:  # only rank 0 reads the backbone file (identity, SHA-256) and writes
+    if trainer.is_global_zero:
         per_class = {metric: {k: _json_number(v) for k, v in values.items()} for metric, values in per_class.items()}
         seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything
         record = {
-            "benchmark": benchmark, "metrics": metrics, "per_class": per_class, **backbone_identity(backbone),
+            "benchmark": benchmark, "metrics": metrics, "per_class": per_class, **module.backbone_record(),
             "seed": None if seed is None else int(seed), "config": config,
         }
         path.parent.mkdir(parents=True, exist_ok=True)

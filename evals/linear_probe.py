@@ -38,7 +38,7 @@ from torchvision.transforms import v2
 
 from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
-from evals.common import backbone_from_spec, setup_backbone, write_results
+from evals.common import BackboneProvenance, backbone_from_spec, setup_backbone, write_results
 
 PROBE_TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 PROBE_VALUES = 9216  # about this many values per probed tap (pool5's 256 x 6 x 6)
@@ -155,7 +155,7 @@ class ImageNetData(L.LightningDataModule):
         return self.val_dataloader()
 
 
-class LinearProbe(L.LightningModule):
+class LinearProbe(BackboneProvenance, L.LightningModule):
     """Five linear classifiers (conv1..conv5) on a frozen backbone, trained jointly.
 
     Args:
@@ -225,11 +225,7 @@ class LinearProbe(L.LightningModule):
         for metric in self.test_top1.values():
             metric.reset()
         self.log_dict({f"test/{name}": value for name, value in top1.items()})
-        datamodule = self.trainer.datamodule
-        write_results(
-            self.trainer, "in1k_linear", top1, {}, self.hparams.backbone,
-            {"model": dict(self.hparams), "data": dict(datamodule.hparams) if datamodule else {}},
-        )
+        write_results(self, "in1k_linear", top1, {})
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(

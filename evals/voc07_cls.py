@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 from crossflow.errors import InvalidInputError
 from crossflow.models.alexnet import CONV_LAYERS
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
-from evals.common import backbone_from_spec, setup_backbone, write_results
+from evals.common import BackboneProvenance, backbone_from_spec, setup_backbone, write_results
 from evals.metrics import VOCClassificationAP
 from evals.voc import VOC_CLASSES, classification_labels, parse_annotation, read_image_set, year_dir
 
@@ -147,7 +147,7 @@ def sigmoid_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / logits.shape[0]
 
 
-class VOC07Classification(L.LightningModule):
+class VOC07Classification(BackboneProvenance, L.LightningModule):
     """Fine-tunes the backbone with a new 20-way layer on fc7; tests with summed multi-crop scores.
 
     Args:
@@ -210,11 +210,7 @@ class VOC07Classification(L.LightningModule):
         ap = self.test_ap.compute()
         self.test_ap.reset()
         self.log("test/mAP", ap.mean().float())
-        datamodule = self.trainer.datamodule
-        write_results(
-            self.trainer, "voc07_cls", {"mAP": ap.mean().item()}, {"AP": dict(zip(VOC_CLASSES, ap.tolist()))},
-            self.hparams.backbone, {"model": dict(self.hparams), "data": dict(datamodule.hparams) if datamodule else {}},
-        )
+        write_results(self, "voc07_cls", {"mAP": ap.mean().item()}, {"AP": dict(zip(VOC_CLASSES, ap.tolist()))})
 
     def configure_optimizers(self):
         trained = [(name, p) for name, p in self.named_parameters() if p.requires_grad]

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
-from evals.common import backbone_from_spec, setup_backbone, write_results
+from evals.common import BackboneProvenance, backbone_from_spec, setup_backbone, write_results
 from evals.det_metrics import VOCDetectionAP
 from evals.fast_rcnn import FastRCNN, detect, fast_rcnn_loss, sample_rois
 from evals.overlays import OverlayCollector, detection_comparison
@@ -164,7 +164,7 @@ class VOC07DetectionData(L.LightningDataModule):
         return DataLoader(self.test_set, self.hparams.test_batch_size, collate_fn=collate_detection, num_workers=self.hparams.num_workers)
 
 
-class VOC07Detection(L.LightningModule):
+class VOC07Detection(BackboneProvenance, L.LightningModule):
     """Fast R-CNN fine-tuning of the backbone; tests with VOC2007's detection AP.
 
     Args:
@@ -245,11 +245,7 @@ class VOC07Detection(L.LightningModule):
         self.overlays.log(self.trainer)
         self.log("test/mAP", result["map"])
         ap = {name: value for name, value in zip(VOC_CLASSES, result["ap_per_class"].tolist()) if value == value}  # NaN: no positives
-        datamodule = self.trainer.datamodule
-        write_results(
-            self.trainer, "voc07_det", {"mAP": result["map"].item()}, {"AP": ap},
-            self.hparams.backbone, {"model": dict(self.hparams), "data": dict(datamodule.hparams) if datamodule else {}},
-        )
+        write_results(self, "voc07_det", {"mAP": result["map"].item()}, {"AP": ap})
 
     def configure_optimizers(self):
         h = self.hparams

@@ -45,7 +45,7 @@ from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.models.alexnet import LAYERS
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
 from crossflow.models.hypercolumn import HypercolumnMLP, sparse_hypercolumn
-from evals.common import backbone_from_spec, setup_backbone, write_results
+from evals.common import BackboneProvenance, backbone_from_spec, setup_backbone, write_results
 from evals.overlays import OverlayCollector, segmentation_comparison
 from evals.voc import VOC_CLASSES, VOID_LABEL, read_image_set, read_rgb, read_segmentation_mask, year_dir
 
@@ -330,7 +330,7 @@ def stage_learning_rates(
     return lr, lr
 
 
-class VOC12Segmentation(L.LightningModule):
+class VOC12Segmentation(BackboneProvenance, L.LightningModule):
     """Backbone taps -> sparse hypercolumn -> MLP (one hidden layer) -> 21 class scores per pixel.
 
     Args:
@@ -435,8 +435,6 @@ class VOC12Segmentation(L.LightningModule):
         miu = float(mean_iu(per_class))
         class_iu = dict(zip(SEG_CLASSES, per_class.tolist()))
         self.log_dict({"test/mIU": miu, **{f"test/IU/{name}": value for name, value in class_iu.items()}})
-        datamodule = getattr(self.trainer, "datamodule", None)
-        config = {"model": dict(self.hparams), "data": dict(datamodule.hparams) if datamodule is not None else None}
-        write_results(self.trainer, "voc12_seg", {"mIU": miu}, {"IU": class_iu}, self.hparams.backbone, config)
+        write_results(self, "voc12_seg", {"mIU": miu}, {"IU": class_iu})
         self.test_iu.reset()
         self.overlays.log(self.trainer)

@@ -253,3 +253,29 @@ def test_every_eval_fits_its_demo_config_with_both_reference_backbones(config, s
     args = ["fit", "--config", str(config), "--model.init_args.backbone", backbone, "--data.init_args.root", str(root),
             "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--data.init_args.num_workers", "0"]
     assert crossflow(args) == 0
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+
+
+def test_results_name_the_backbone_that_was_fine_tuned_even_when_its_file_was_replaced_since(tiny_world, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    backbone, other = tmp_path / "backbone.pt", tmp_path / "other.pt"
+    for seed, path in ((0, backbone), (1, other)):
+        torch.manual_seed(seed)
+        save_backbone(AlexNet(), path)
+    fine_tuned = file_sha256(backbone)
+    config = REPO / "configs" / "eval" / "demo_in1k_linear.yaml"
+    args = ["--config", str(config), "--model.init_args.backbone", str(backbone), "--data.init_args.root", str(tiny_world["imagenet"]),
+            "--trainer.accelerator", "cpu", "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
+            "--trainer.default_root_dir", str(tmp_path / "run")]
+    assert crossflow(["fit", *args, "--trainer.max_steps", "1"]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=False)[common.PROVENANCE_KEY]["backbone_sha256"] == fine_tuned
+
+    other.replace(backbone)  # re-exported to the same path after the fine-tuning
+    with pytest.warns(UserWarning, match=f"{backbone} is not the backbone this checkpoint was fine-tuned from"):
+        assert crossflow(["test", *args, "--ckpt_path", str(checkpoint)]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (results["backbone"], results["backbone_kind"], results["backbone_sha256"]) == (str(backbone), "crossflow", fine_tuned)
+    assert file_sha256(backbone) != fine_tuned
