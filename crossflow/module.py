@@ -99,8 +99,15 @@ class CrossFlowPretraining(L.LightningModule):
             return cross_pixel_similarity_loss(output, flow, self.sigma2)
         return flow_classification_loss(output, flow)
 
-    def training_step(self, batch: dict | None, batch_index: int):
-        if batch is None:  # every sample of the batch failed to decode (warned by the dataset)
+    def count_skipped(self, batch: dict, stage: str) -> bool:
+        """Log how many samples of the batch failed to decode (``<stage>/skipped_samples``, summed over the epoch
+        and the processes); True when none is left to train or validate on."""
+        self.log(f"{stage}/skipped_samples", float(batch.get("skipped", 0)), reduce_fx="sum", on_step=False, on_epoch=True,
+                 sync_dist=True, batch_size=1)
+        return "key" not in batch
+
+    def training_step(self, batch: dict, batch_index: int):
+        if self.count_skipped(batch, "train"):  # every sample of the batch failed to decode (warned by the dataset)
             return None
         loss = self.objective_loss(self(batch["image"], batch["points"]), batch["flow"])
         if not torch.isfinite(loss):
@@ -115,7 +122,7 @@ class CrossFlowPretraining(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_index: int) -> None:
         now = time.perf_counter()
-        if self._last_step_time is not None and batch is not None:
+        if self._last_step_time is not None and "key" in batch:
             images = len(batch["key"]) * self.trainer.world_size
             self.log("train/images_per_sec", images / (now - self._last_step_time), prog_bar=True)
         self._last_step_time = now
@@ -126,8 +133,8 @@ class CrossFlowPretraining(L.LightningModule):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
 
-    def validation_step(self, batch: dict | None, batch_index: int) -> None:
-        if batch is None:
+    def validation_step(self, batch: dict, batch_index: int) -> None:
+        if self.count_skipped(batch, "val"):
             return
         output = self(batch["image"], batch["points"])
         loss = self.objective_loss(output, batch["flow"])

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import tarfile
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -117,22 +118,28 @@ def test_prepare_caches_member_offsets_and_a_damaged_or_stale_cache_is_rebuilt(t
         assert json.loads(member_index_path(shard).read_text())["shard"] == [stat.st_size, stat.st_mtime_ns]
 
 
-def test_undecodable_or_incomplete_samples_are_skipped_with_one_warning_per_shard(tiny_pairs, tmp_path):
+def pairs_with_failures(tiny_pairs: Path, out: Path, splits=("train",)) -> Path:
+    """A prepared-pairs folder whose one shard (used by each of ``splits``) holds a good sample, one whose frame
+    does not decode and one without its flow member."""
     shard = sorted((tiny_pairs / "train").glob("shard-*.tar"))[0]
     with tarfile.open(shard) as tar:
         first_key = tar.getnames()[0].split(".")[0]
         good = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.startswith(first_key + ".")}
     assert set(good) == {"frame.jpg", "flow.png", "meta.json"}
-    (tmp_path / "train").mkdir()
-    with wds.TarWriter(str(tmp_path / "train" / "shard-000000.tar"), encoder=False) as writer:
+    (out / "train").mkdir(parents=True)
+    with wds.TarWriter(str(out / "train" / "shard-000000.tar"), encoder=False) as writer:
         writer.write({"__key__": "a_good", **good})
         writer.write({"__key__": "b_bad_jpeg", **good, "frame.jpg": b"not a jpeg"})
         writer.write({"__key__": "c_no_flow", "frame.jpg": good["frame.jpg"], "meta.json": good["meta.json"]})
     shards = {"num_samples": 3, "shards": [{"path": "train/shard-000000.tar", "num_samples": 3}]}
-    (tmp_path / "index.json").write_text(json.dumps({"format": PAIRS_FORMAT, "splits": {"train": shards}}))
-    dataset = PairShards(tmp_path, "train", Augmentation(64, train=False), num_points=8)
+    (out / "index.json").write_text(json.dumps({"format": PAIRS_FORMAT, "splits": {split: shards for split in splits}}))
+    return out
+
+
+def test_undecodable_or_incomplete_samples_are_skipped_with_one_warning_per_shard(tiny_pairs, tmp_path):
+    dataset = PairShards(pairs_with_failures(tiny_pairs, tmp_path), "train", Augmentation(64, train=False), num_points=8)
     with pytest.warns(UserWarning, match="skipping undecodable sample b_bad_jpeg") as warned:
         batch = collate_skipping_failures([dataset[i] for i in range(3)])
     assert len(warned) == 1 and dataset.failures == {tmp_path / "train" / "shard-000000.tar": 2}
     assert batch["key"] == ["a_good"] and batch["image"].shape == (1, 3, 64, 64) and batch["flow"].shape == (1, 8, 2)
-    assert collate_skipping_failures([dataset[1], dataset[2]]) is None
+    assert batch["skipped"] == 2 and collate_skipping_failures([dataset[1], dataset[2]]) == {"skipped": 2}

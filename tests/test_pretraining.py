@@ -16,6 +16,7 @@ from crossflow.models import load_backbone
 from crossflow.module import CrossFlowPretraining
 
 from .conftest import REPO
+from .test_pairs import pairs_with_failures
 
 PRETRAIN_CONFIGS = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
 SMALL = ["--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu"]
@@ -62,6 +63,18 @@ def test_same_seed_and_data_give_the_same_losses(demo_run, tiny_pairs, tmp_path,
     assert len(first) >= 3 and first == again
     other_seed = logged_losses(csv_run(tiny_pairs, tmp_path / "csv_seed1", "--seed_everything", "1"))
     assert other_seed != first
+
+
+def test_undecodable_samples_are_counted_per_epoch_in_training_and_validation(tiny_pairs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pairs = pairs_with_failures(tiny_pairs, tmp_path / "pairs", splits=("train", "val"))  # 1 good, 2 bad samples
+    with pytest.warns(UserWarning, match="skipping undecodable sample"):
+        root = csv_run(pairs, tmp_path / "csv", "--data.init_args.batch_size", "3", "--trainer.max_steps", "2")
+    rows = list(csv.DictReader(open(next(root.rglob("metrics.csv")))))
+    train = [float(r["train/skipped_samples"]) for r in rows if r.get("train/skipped_samples")]
+    val = [float(r["val/skipped_samples"]) for r in rows if r.get("val/skipped_samples")]
+    assert train == [2.0, 2.0] and val == [2.0, 2.0]  # one batch an epoch, two epochs; validation after each
+    assert logged_losses(root)  # the good sample still trained
 
 
 def test_run_writes_initial_best_and_last_checkpoints(demo_run):

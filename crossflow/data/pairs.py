@@ -239,10 +239,11 @@ class PairShards(Dataset):
             warnings.warn(f"skipping undecodable sample {key} in {shard}: {error} (further failures in this file are counted silently)")
 
 
-def collate_skipping_failures(samples: list) -> dict | None:
-    """Batch the samples that decoded; None if none did (the module skips such a batch)."""
-    samples = [s for s in samples if s is not None]
-    return default_collate(samples) if samples else None
+def collate_skipping_failures(samples: list) -> dict:
+    """Batch the samples that decoded, with ``skipped``: how many did not. When none did, the batch is
+    ``{"skipped": n}`` alone (the module counts it and skips the step)."""
+    decoded = [s for s in samples if s is not None]
+    return {**(default_collate(decoded) if decoded else {}), "skipped": len(samples) - len(decoded)}
 
 
 class PairDataModule(L.LightningDataModule):
