@@ -34,12 +34,20 @@ from crossflow.errors import InvalidInputError, MissingInputError
 MODES = ("fast", "quality", "single")
 
 
+def seed_c_rand(seed: int) -> None:
+    """Reset the C library's ``rand()`` of this process (POSIX: the libc every extension links against)."""
+    try:
+        ctypes.CDLL(None).srand(seed)
+    except (OSError, TypeError, AttributeError):  # no POSIX libc (Windows): box order may vary between runs
+        pass
+
+
 def selective_search(image_rgb: np.ndarray, mode: str = "fast") -> np.ndarray:
     """RGB ``[H, W, 3]`` uint8 -> boxes ``[N, 4]`` float32 (x1, y1, x2, y2 inclusive), best first, no duplicates."""
     import cv2
 
     cv2.setNumThreads(1)
-    ctypes.CDLL(None).srand(0)  # OpenCV's box ranking draws from rand(): same image, same order
+    seed_c_rand(0)  # OpenCV's box ranking draws from rand(): same image, same order
     search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     search.setBaseImage(np.ascontiguousarray(image_rgb[:, :, ::-1]))  # OpenCV wants BGR
     {"fast": search.switchToSelectiveSearchFast, "quality": search.switchToSelectiveSearchQuality, "single": search.switchToSingleStrategy}[mode]()
