@@ -92,8 +92,8 @@ def setup_backbone(module: L.LightningModule, network: AlexNet, stage: str) -> N
     and, with ``backbone: random-rescaled``, rescale ``network`` in place.
 
     The images are :func:`training_images` of the datamodule's training set (``RESCALE_IMAGES`` of them, with
-    the eval's own augmentation and crop size, fixed by ``RESCALE_SEED``). Nothing happens for other specs or
-    stages: at ``test`` (or when a fit resumes) the fitted weights come from the checkpoint, which Lightning
+    the eval's own augmentation and crop size, fixed by ``RESCALE_SEED``). The rescaling happens for no other spec or
+    stage: at ``test`` (or when a fit resumes) the fitted weights come from the checkpoint, which Lightning
     loads after ``setup``. DDP ranks compute the same weights (and DDP broadcasts rank 0's anyway).
     """
     if stage == "fit" and module.fitted_backbone is None:
