@@ -78,7 +78,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"crossflow {argv[0]}: error: {cause}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the DDP process group, if any, before the interpreter exits. Lightning does so only for NCCL; a
+    gloo (CPU) group left to the interpreter's teardown can abort the process ("terminate called without an
+    active exception") after a finished run."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def user_input_cause(error: BaseException | None) -> UserInputError | None:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from crossflow.data.pairs import Augmentation, PairShards, collate_skipping_failures
+from crossflow.cli import close_process_group
 from crossflow.module import CrossFlowPretraining
 
 
@@ -35,6 +36,7 @@ def main(pairs_dir: str, out: str, devices: int) -> None:
     trainer.fit(module, train_dataloaders=loader)
     if trainer.is_global_zero:
         torch.save({k: v.detach().cpu() for k, v in module.named_parameters()}, out)
+    close_process_group()
 
 
 if __name__ == "__main__":
