@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from crossflow.errors import InvalidInputError, MissingInputError
+from crossflow.files import write_text_atomic
 
 TABLE1 = (("voc07_cls", "mAP", "VOC07 Cls. mAP"), ("voc07_det", "mAP", "VOC07 Det. mAP"), ("voc12_seg", "mIU", "VOC12 Seg. mIU"))
 TABLE2 = tuple(("in1k_linear", f"top1_conv{i}", f"conv{i}") for i in range(1, 6))
@@ -188,10 +188,7 @@ def run(args: argparse.Namespace) -> int:
     markdown = report(results, args.paper)
     print(markdown, end="")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.out.with_name(args.out.name + ".partial")
-        partial.write_text(markdown)
-        os.replace(partial, args.out)
+        write_text_atomic(args.out, markdown)
         print(f"written: {args.out}")
     if args.wandb:
         print(f"W&B run: {log_to_wandb(markdown, results, (args.out.parent if args.out else Path('.')))}")

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from crossflow.errors import InvalidInputError
+from crossflow.files import write_text_atomic
 from crossflow.models import load_backbone
 from crossflow.models.alexnet import CONV_LAYERS, AlexNet
 from crossflow.models.backbone import file_sha256, read_backbone_file
@@ -142,10 +143,7 @@ def write_results(module: L.LightningModule, benchmark: str, metrics: dict, per_
             "benchmark": benchmark, "metrics": metrics, "per_class": per_class, **module.backbone_record(),
             "seed": None if seed is None else int(seed), "config": config,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(record, indent=2, default=str))
-        os.replace(partial, path)
+        write_text_atomic(path, json.dumps(record, indent=2, default=str))
         log_per_class_tables(trainer, per_class)
     return path
 
