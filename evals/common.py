@@ -21,7 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from crossflow.errors import InvalidInputError
@@ -60,8 +60,8 @@ def backbone_identity(spec: str | None) -> dict:
 class BackboneProvenance:
     """Mixin of the eval LightningModules: which backbone the fine-tuned weights started from.
 
-    Its identity (:func:`backbone_identity`) is taken when fitting starts, stored in every checkpoint and read
-    back when one is loaded (``test --ckpt_path``, a resumed fit), so results.json names the backbone that was
+    Its identity (:func:`backbone_identity`) is taken when fitting starts (by rank 0, which writes the checkpoints),
+    stored in every checkpoint and read back when one is loaded (``test --ckpt_path``, a resumed fit), so results.json names the backbone that was
     fine-tuned even when the file at that path has since been replaced (a re-export, say), with a warning.
     (LightningCLI takes the model arguments, ``backbone`` included, from the checkpoint itself.)
     """
@@ -79,13 +79,14 @@ class BackboneProvenance:
         fitted = checkpoint.get(PROVENANCE_KEY)
         if fitted is None:
             return  # a checkpoint from before provenance was recorded
-        now = backbone_identity(self.hparams.backbone)
-        if (now["backbone_kind"], now["backbone_sha256"]) != (fitted["backbone_kind"], fitted["backbone_sha256"]):
-            rank_zero_warn(
-                f"{now['backbone']} is not the backbone this checkpoint was fine-tuned from (sha256 {fitted['backbone_sha256']}, "
-                f"now {now['backbone_sha256']}); the weights come from the checkpoint and results.json records the fine-tuned one"
-            )
         self.fitted_backbone = fitted
+        if rank_zero_only.rank == 0 and fitted["backbone_sha256"] is not None:  # a file: has it changed since?
+            now = file_sha256(self.hparams.backbone)
+            if now != fitted["backbone_sha256"]:
+                rank_zero_warn(
+                    f"{self.hparams.backbone} is not the backbone this checkpoint was fine-tuned from (sha256 "
+                    f"{fitted['backbone_sha256']}, now {now}); the weights come from the checkpoint and results.json records the fine-tuned one"
+                )
 
 
 def setup_backbone(module: L.LightningModule, network: AlexNet, stage: str) -> None:
@@ -97,7 +98,7 @@ def setup_backbone(module: L.LightningModule, network: AlexNet, stage: str) -> N
     stage: at ``test`` (or when a fit resumes) the fitted weights come from the checkpoint, which Lightning
     loads after ``setup``. DDP ranks compute the same weights (and DDP broadcasts rank 0's anyway).
     """
-    if stage == "fit" and module.fitted_backbone is None:
+    if stage == "fit" and module.fitted_backbone is None and module.trainer.is_global_zero:  # rank 0 writes checkpoints
         module.fitted_backbone = backbone_identity(module.hparams.backbone)
     if stage != "fit" or module.hparams.backbone != RESCALED_BACKBONE:
         return
