@@ -137,8 +137,8 @@ def write_member_index(shard: Path) -> dict[str, dict[str, tuple[int, int]]]:
 def shard_members(shard: Path) -> dict[str, dict[str, tuple[int, int]]]:
     """The member offsets of ``shard``: from its cache when the stamp still matches the shard, else a fresh scan.
 
-    Scanning reads every tar header (about 0.2 ms a sample when cached by the OS: minutes for the paper's
-    1.6M pairs, on every rank of every run); the cache makes startup a JSON read."""
+    Scanning reads every tar header (about 60 µs a sample when cached by the OS, benchmarks/shard_index.py: some
+    90 s for the paper's 1.6M pairs, on every rank of every run); the cache makes startup a JSON read (about 10 s)."""
     try:
         cached = json.loads(member_index_path(shard).read_text())
         if cached["shard"] == _shard_stamp(shard):
