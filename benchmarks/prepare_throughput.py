@@ -6,7 +6,11 @@ resize, flow, JPEG + KITTI PNG, tar) on the real clips in ../shared/data/video a
 endpoint error (px) on the five Middlebury sequences (grey frames) and on rendered synthetic
 clips (``crossflow.data.render``, exact flow, short side 256), with the CPU time per flow.
 
-    .venv/bin/python benchmarks/prepare_throughput.py   # ~3 min on one core; writes results/prepare_throughput.md
+Decoding: the share of prepare's CPU time spent in scanning and decoding (DIS fast), and the
+time to prepare 8 pairs from a 10-minute video and from a 30-second one, both encoded here
+from a shared clip (H.264, keyframe interval 250), so cost is seen to follow pairs, not length.
+
+    .venv/bin/python benchmarks/prepare_throughput.py   # ~5 min on one core; writes results/prepare_throughput.md
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
+import av
 import cv2
 import numpy as np
 
@@ -29,15 +35,16 @@ from crossflow.flow import estimate_flow, read_flo
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 SEQUENCES = ("Dimetrodon", "Grove2", "Hydrangea", "RubberWhale", "Urban2")
+LONG_SOURCE = "chaplin.mp4"  # looped into the 30-second and 10-minute videos
 METHODS = ("dis:preset=ultrafast", "dis:preset=fast", "dis:preset=medium", "farneback", "tvl1", "deepflow")
 
 
-def prepare_rate(method: str, frames_per_video: int, short_side: int) -> tuple[int, float, float]:
-    """(pairs, wall seconds, CPU seconds) of one single-process ``prepare`` run over the real clips."""
+def prepare_rate(method: str, frames_per_video: int, short_side: int, videos: Path = DATA / "video") -> tuple[int, float, float]:
+    """(pairs, wall seconds, CPU seconds) of one single-process ``prepare`` run over ``videos``."""
     parser = argparse.ArgumentParser()
     prepare.add_arguments(parser)
     with tempfile.TemporaryDirectory() as out:
-        argv = [str(DATA / "video"), "--out", out, "--method", method, "--val-fraction", "0", "--workers", "1",
+        argv = [str(videos), "--out", out, "--method", method, "--val-fraction", "0", "--workers", "1",
                 "--frames-per-video", str(frames_per_video), "--short-side", str(short_side)]  # fmt: skip
         start, cpu = time.perf_counter(), time.process_time()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -46,6 +53,57 @@ def prepare_rate(method: str, frames_per_video: int, short_side: int) -> tuple[i
         if status != 0:
             raise RuntimeError(f"prepare --method {method} failed with status {status}")
         return json.loads((Path(out) / "index.json").read_text())["counts"]["pairs"], seconds, cpu
+
+
+@contextlib.contextmanager
+def decode_timer() -> Iterator[list[float]]:
+    """CPU seconds spent in prepare's packet scan and frame decoding, summed while the block runs."""
+    spent, originals = [0.0], (prepare.count_frames, prepare.read_frames)
+
+    def timed(function):
+        def call(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[0] += time.process_time() - start
+        return call
+
+    prepare.count_frames, prepare.read_frames = map(timed, originals)
+    try:
+        yield spent
+    finally:
+        prepare.count_frames, prepare.read_frames = originals
+
+
+def encode_loop(source: Path, out: Path, seconds: float, keyframe_interval: int = 250) -> Path:
+    """H.264 video of ``seconds`` made by looping ``source`` (forwards, then backwards, no jump)."""
+    with av.open(str(source)) as clip:
+        stream = clip.streams.video[0]
+        fps = stream.average_rate
+        frames = [frame.to_ndarray(format="bgr24") for frame in clip.decode(stream)]
+    loop = frames + frames[-2:0:-1]
+    with av.open(str(out), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"preset": "veryfast", "crf": "23"})
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        stream.codec_context.gop_size = keyframe_interval
+        stream.codec_context.options = {"x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0"}
+        for i in range(round(seconds * fps)):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(loop[i % len(loop)], format="bgr24")))
+        container.mux(stream.encode())
+    return out
+
+
+def length_costs(method: str, short_side: int) -> dict[str, tuple[int, float, float]]:
+    """{"30 s" | "10 min": (pairs, wall s, CPU s)} of prepare with 8 pairs on looped videos of the clip."""
+    costs = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for label, seconds in (("30 s", 30), ("10 min", 600)):
+            videos = Path(folder) / label.replace(" ", "")
+            videos.mkdir()
+            encode_loop(DATA / "video" / LONG_SOURCE, videos / "loop.mp4", seconds)
+            costs[label] = prepare_rate(method, 8, short_side, videos)
+    return costs
 
 
 def epes(method: str, pairs) -> tuple[list[float], float]:
@@ -104,7 +162,7 @@ def table(rows: list[dict], synthetic: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--frames-per-video", type=int, default=2, help="pairs per clip in the prepare runs")
+    parser.add_argument("--frames-per-video", type=int, default=8, help="pairs per clip in the prepare runs (paper: 8)")
     parser.add_argument("--short-side", type=int, default=256)
     parser.add_argument("--synthetic-clips", type=int, default=2, help="rendered clips (3 pairs each)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prepare_throughput.md")
@@ -115,21 +173,29 @@ def main() -> None:
     middlebury, synthetic = middlebury_pairs(), synthetic_pairs(args.synthetic_clips, args.short_side)
     rows = []
     for method in args.methods:
-        pairs, seconds, cpu = prepare_rate(method, args.frames_per_video, args.short_side)
-        row = {"method": method, "rate": pairs / cpu, "wall_rate": pairs / seconds}
+        with decode_timer() as decoding:
+            pairs, seconds, cpu = prepare_rate(method, args.frames_per_video, args.short_side)
+        row = {"method": method, "rate": pairs / cpu, "wall_rate": pairs / seconds, "decode_share": decoding[0] / cpu}
         errors, row["ms"] = epes(method, middlebury)
         row["middlebury"], row["rubberwhale"] = np.mean(errors), errors[SEQUENCES.index("RubberWhale")]
         if synthetic:
             errors, row["synthetic_ms"] = epes(method, synthetic)
             row["synthetic"] = np.mean(errors)
         rows.append(row)
-        print(f"{method}: {pairs} pairs in {seconds:.1f} s ({cpu:.1f} CPU-s)", flush=True)
+        print(f"{method}: {pairs} pairs in {seconds:.1f} s ({cpu:.1f} CPU-s, {row['decode_share']:.0%} decoding)", flush=True)
     zero = np.mean([np.linalg.norm(gt, axis=-1)[valid].mean() for *_, gt, valid in middlebury])
     notes = [
-        f"Machine: {cpu_name()}, OpenCV {cv2.__version__}, one process, one OpenCV thread.",
+        f"Machine: {cpu_name()}, OpenCV {cv2.__version__}, PyAV {av.__version__}, one process, one OpenCV and one decoder thread.",
         f"Prepare: the 7 real clips in shared/data/video, {args.frames_per_video} pairs per clip, short side "
-        f"{args.short_side}, gap 5; the time includes decoding each whole clip once to count its frames, so "
-        "more pairs per clip raise the rate of the fast estimators.",
+        f"{args.short_side}, gap 5; frame counts from a packet scan, frames by seeking (crossflow.data.video).",
+        "Decoding share (packet scan + decoding, of prepare's CPU time): "
+        + ", ".join(f"{row['method']} {row['decode_share']:.0%}" for row in rows) + ".",
+    ]
+    costs = length_costs("dis:preset=medium", args.short_side)
+    notes += [
+        f"Length: 8 pairs (DIS medium) from {LONG_SOURCE} looped to 30 s and to 10 min (H.264, keyframe interval 250): "
+        + ", ".join(f"{label} {cpu:.2f} CPU-s ({pairs} pairs, {seconds:.2f} s wall)" for label, (pairs, seconds, cpu) in costs.items())
+        + f"; ratio {costs['10 min'][2] / costs['30 s'][2]:.2f}x.",
         f"EPE: mean endpoint error in px over valid pixels, averaged over pairs; zero flow scores {zero:.3f} on Middlebury.",
     ]
     if synthetic:

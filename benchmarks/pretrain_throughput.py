@@ -20,9 +20,9 @@ import torch
 from crossflow.module import CrossFlowPretraining
 
 CONFIGS = {
-    # name: (crop, batch, points, taps) as in configs/pretrain/{demo,cpof_alexnet}.yaml
-    "demo": (128, 32, 256, ["conv1", "pool1", "conv3", "pool5"]),
-    "paper": (224, 96, 512, ["conv1", "pool1", "conv3", "pool5", "fc7"]),
+    # name: (crop, batch, points, taps, hidden width) as in configs/pretrain/{demo,cpof_alexnet}.yaml
+    "demo": (128, 32, 256, ["conv1", "pool1", "conv3", "pool5"], 512),
+    "paper": (224, 96, 512, ["conv1", "pool1", "conv3", "pool5", "fc7"], 1024),
 }
 
 
@@ -97,19 +97,19 @@ def main() -> None:
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     rows = []
     for name in args.configs:
-        crop, batch_size, points, taps = CONFIGS[name]
+        crop, batch_size, points, taps, hidden = CONFIGS[name]
         torch.manual_seed(0)
-        module = CrossFlowPretraining(taps=taps).to(args.device).train()
+        module = CrossFlowPretraining(taps=taps, hidden_dim=hidden).to(args.device).train()
         batch = random_batch(crop, batch_size, points, args.device)
         seconds = time_steps(module, batch, args.steps, args.device, args.precision)
         share = time_backbone_share(module, batch, args.steps, args.device)
-        rows.append(f"| {name} | {crop} | {batch_size} | {points} | {seconds:.2f} | {batch_size / seconds:.1f} | {100 * share:.0f}% | {100 * (1 - share):.0f}% |")
+        rows.append(f"| {name} | {crop} | {batch_size} | {points} | {seconds:.2f} | {batch_size / seconds:.1f} | {100 * share:.0f}% | {100 * (1 - share):.0f}% | {1 / share:.2f}x |")
         print(rows[-1], flush=True)
     table = "\n".join([
         f"Machine: {machine}; torch {torch.__version__}; precision {args.precision}; {args.steps} timed steps after warm-up.",
         "",
-        "| config | crop | batch | points/image | s/step | images/s | backbone | head + loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | crop | batch | points/image | s/step | images/s | backbone | head + loss | forward + backward / backbone's |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

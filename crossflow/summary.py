@@ -67,11 +67,20 @@ def validation_loss(module: CrossFlowPretraining, batches: list[dict]) -> tuple[
     return float(np.mean(losses)), float(np.mean(excess))
 
 
-def held_out_frames(num_clips: int, frames_per_clip: int, short_side: int) -> list[tuple[torch.Tensor, np.ndarray]]:
-    """``(image [1, 3, h, w] normalised, instances [h, w])`` from synthetic clips no training run saw."""
+def training_world(data_dir: str | Path) -> str:
+    """The synthetic world (:data:`crossflow.data.render.WORLDS`) whose videos the prepared ``data_dir`` was made
+    from, read from the ``synth.json`` of its inputs; ``default`` for real videos (or when no input is left)."""
+    settings = Path(data_dir) / "settings.json"
+    inputs = json.loads(settings.read_text())["settings"]["inputs"] if settings.is_file() else []
+    worlds = {json.loads(m.read_text()).get("world", "default") for m in (Path(i) / "synth.json" for i in inputs) if m.is_file()}
+    return worlds.pop() if len(worlds) == 1 else "default"
+
+
+def held_out_frames(num_clips: int, frames_per_clip: int, short_side: int, world: str = "default") -> list[tuple[torch.Tensor, np.ndarray]]:
+    """``(image [1, 3, h, w] normalised, instances [h, w])`` from synthetic clips of ``world`` no training run saw."""
     frames = []
     for index in range(num_clips):
-        clip = render_clip(HELD_OUT_SEED + index)
+        clip = render_clip(HELD_OUT_SEED + index, world=world)
         for t in np.linspace(0, len(clip.frames) - 1, frames_per_clip).astype(int):
             frame, instances = clip.frames[t], clip.instances[t]
             scale = short_side / min(frame.shape[:2])
@@ -111,7 +120,8 @@ def summarise(run_dir: Path, calibration_batches: int = 4, num_clips: int = 6, f
     datamodule.setup("fit")
     train_batches = [b for b, _ in zip(datamodule.train_dataloader(), range(calibration_batches)) if b is not None]
     val_batches = [b for b in datamodule.val_dataloader() if b is not None]
-    frames = held_out_frames(num_clips, frames_per_clip, datamodule.hparams.crop_size)
+    world = training_world(datamodule.hparams.data_dir)
+    frames = held_out_frames(num_clips, frames_per_clip, datamodule.hparams.crop_size, world)
     initial, trained = load_pretraining_checkpoint(init_path), load_pretraining_checkpoint(best_path)
     recalibrate_batch_norm(initial, train_batches)
     summary = {
@@ -124,6 +134,7 @@ def summarise(run_dir: Path, calibration_batches: int = 4, num_clips: int = 6, f
         "points_per_image": datamodule.hparams.num_points,
         "grouping_auc": {"initial": grouping_auc(initial, frames), "trained": grouping_auc(trained, frames)},
         "grouping_frames": len(frames),
+        "grouping_world": world,
     }
     if trained.hparams.objective == "cross_pixel":
         summary["val_loss"] = dict(zip(("initial", "trained"), (validation_loss(m, val_batches) for m in (initial, trained))))
@@ -151,7 +162,7 @@ def format_summary(s: dict) -> str:
     auc = s["grouping_auc"]
     lines.append(
         f"grouping AUC     {auc['initial']:.3f} (random init) -> {auc['trained']:.3f} (trained)   "
-        f"[same-instance pixel pairs, {s['grouping_frames']} held-out synthetic frames]"
+        f"[same-instance pixel pairs, {s['grouping_frames']} held-out synthetic frames, {s['grouping_world']} world]"
     )
     return "\n".join(lines)
 

@@ -332,12 +332,12 @@ def shard_frames(folder: Path, limit: int, size: int, max_magnitude: float) -> l
 def video_frames(path: Path, limit: int, size: int, gap: int, method: FlowMethod) -> list[Frame]:
     """``limit`` evenly spaced frames t of a video, each with its flow t -> t+gap; [] (warned) if it does not decode."""
     try:
-        num_frames, _ = count_frames(str(path))
+        packets = count_frames(str(path))
     except SkipVideo as skip:
         warnings.warn(f"skipping {path}: {skip}")
         return []
-    times = sorted({int(t) for t in np.linspace(0, max(0, num_frames - 1 - gap), limit)})
-    decoded = read_frames(str(path), times + [t + gap for t in times])
+    times = sorted({int(t) for t in np.linspace(0, max(0, packets.num_frames - 1 - gap), limit)})
+    decoded, _ = read_frames(str(path), times + [t + gap for t in times], packets)
     rgb = {t: cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) for t, frame in decoded.items()}
     return [frame_pair(f"{path.stem}_t{t:05d}", rgb[t], rgb.get(t + gap), size, method) for t in times if t in rgb]
 

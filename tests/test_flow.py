@@ -9,10 +9,13 @@ import torch
 
 from crossflow.flow import (
     FLOW_METHODS,
+    decode_flow_member,
     decode_kitti_png_bytes,
+    encode_flow_member,
     encode_kitti_png_bytes,
     estimate_flow,
     normalize_flow,
+    u8_error_bound,
     read_flo,
     read_flow,
     write_flo,
@@ -56,6 +59,53 @@ def test_kitti_png_round_trip_is_exact_to_a_64th_of_a_pixel():
     assert np.abs(decoded - flow).max() <= 1 / 128 + 1e-6
     quantised = np.round(flow * 64) / 64
     assert np.array_equal(decode_kitti_png_bytes(encode_kitti_png_bytes(quantised))[0], quantised)
+
+
+def kitti_ground_truth() -> tuple[np.ndarray, np.ndarray]:
+    """The KITTI devkit's sparse ground truth (real flow with holes), or a synthetic field where it is absent."""
+    if KITTI.is_dir():
+        return read_flow(KITTI / "flow_gt.png")
+    flow = random_flow(3) * 40
+    return flow, np.random.default_rng(3).random(flow.shape[:2]) < 0.4
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_int16_zstd_member_decodes_to_exactly_what_the_kitti_png_decodes_to(holes):
+    flow, valid = kitti_ground_truth()
+    valid = valid if holes else np.ones_like(valid)
+    flow = np.where(valid[..., None], flow, 0) + np.float32([600, -700]) * (np.arange(flow.shape[1]) % 97 == 0)[:, None]  # clipped
+    name, data = encode_flow_member(flow, valid, "i16-zstd")
+    expected, expected_valid = decode_kitti_png_bytes(encode_kitti_png_bytes(flow, valid))
+    decoded, decoded_valid = decode_flow_member(name, data)
+    assert name == "flow.i16.zst" and np.array_equal(decoded_valid, expected_valid)
+    assert np.array_equal(decoded[valid], expected[valid])  # flow.png keeps garbage at invalid pixels; this format zeros
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_uint8_lz4_member_error_in_normalised_flow_stays_within_its_bound(holes):
+    flow, valid = kitti_ground_truth()
+    valid = valid if holes else np.ones_like(valid)
+    flow = np.where(valid[..., None], flow, 1e4)  # far-off values where invalid must not widen the levels
+    name, data = encode_flow_member(flow, valid, "u8-lz4")
+    decoded, decoded_valid = decode_flow_member(name, data)
+    assert name == "flow.u8.lz4" and np.array_equal(decoded_valid, valid)
+    bound = u8_error_bound(data, max_vector_scale=1.0)
+    errors = []
+    for scale in (1.0, 0.7, 1.5):  # augmentation scales the vectors before eq. 6
+        error = np.abs(normalize_flow(scale * decoded[valid]) - normalize_flow(scale * flow[valid])).max()
+        assert error <= max(1.0, scale) * bound + 1e-6
+        errors.append(error)
+    assert bound < 0.006 and max(errors) > bound / 4  # sigma / 10 for the paper's sigma^2 = 0.0036; the bound is tight
+
+
+def test_damaged_or_unknown_flow_members_raise_value_errors():
+    name, data = encode_flow_member(random_flow(), None, "u8-lz4")
+    with pytest.raises(ValueError, match="does not decompress"):
+        decode_flow_member(name, data[:-20])
+    with pytest.raises(ValueError, match="unknown flow member"):
+        decode_flow_member("flow.bmp", data)
+    with pytest.raises(ValueError, match="unknown flow format"):
+        encode_flow_member(random_flow(), None, "jpeg")
 
 
 def test_kitti_png_keeps_the_valid_mask(tmp_path):

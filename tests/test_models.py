@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from crossflow.models import AlexNet, LAYERS, fold_batch_norm, layer_geometry, load_backbone, save_backbone, sample_at_points
-from crossflow.models.hypercolumn import HypercolumnMLP, sparse_hypercolumn
+from crossflow.models.hypercolumn import HypercolumnMLP, project_first, sparse_hypercolumn
 
 
 def test_shapes_at_224():
@@ -82,6 +82,27 @@ def test_head_at_points_equals_head_on_the_concatenated_hypercolumn():
     points = torch.rand(2, 7, 2, dtype=torch.float64) * 223
     expected = head(sparse_hypercolumn(activations, points, layer_geometry(), taps))
     torch.testing.assert_close(head.forward_at_points(activations, points, layer_geometry(), taps), expected)
+
+
+def test_each_tap_sampled_or_projected_first_gives_the_head_and_its_gradients_on_the_hypercolumn():
+    """At 224 px and N = 512 conv1, pool1 sample first and conv3, pool5, fc7 project first; both give the same values
+    and the same gradients (to the activations and to the weights) as the head on the concatenated hypercolumn."""
+    torch.manual_seed(0)
+    taps = ["conv1", "pool1", "conv3", "pool5", "fc7"]
+    activations = {t: a.detach().requires_grad_() for t, a in AlexNet().double()(torch.randn(2, 3, 224, 224, dtype=torch.float64), taps).items()}
+    head = HypercolumnMLP(96 + 96 + 384 + 256 + 4096, 16, 4).double()
+    assert [project_first(activations[t].shape, 512, 16) for t in taps] == [False, False, True, True, True]
+    points = torch.rand(2, 512, 2, dtype=torch.float64) * 223
+    results = []
+    for forward in (lambda: head(sparse_hypercolumn(activations, points, layer_geometry(), taps)),
+                    lambda: head.forward_at_points(activations, points, layer_geometry(), taps)):
+        output = forward()
+        gradients = torch.autograd.grad((output * torch.linspace(-1, 1, output.numel(), dtype=torch.float64).view_as(output)).sum(),
+                                        [*activations.values(), *head.parameters()])
+        results.append((output, gradients))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for actual, expected in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(actual, expected)
 
 
 @pytest.mark.parametrize("size, taps", [

@@ -15,6 +15,9 @@ from crossflow.data.pairs import (
     PAIRS_FORMAT,
     Augmentation,
     PairShards,
+    all_pixels,
+    crop_valid,
+    flow_at,
     collate_skipping_failures,
     member_index_path,
     read_index,
@@ -59,6 +62,59 @@ def test_known_translation_stays_correct_after_scale_crop_flip(seed):
     wrong = np.abs(warp_back(aug1, aug_flow * np.float32([-1, 1])).astype(float) - aug0.astype(float))[interior].mean()
     still = np.abs(aug1.astype(float) - aug0.astype(float))[interior].mean()
     assert error < 0.1 * still and wrong > 10 * error  # resampling leaves a few grey levels of error
+
+
+def full_field_reference(augment: Augmentation, frame, flow, valid, rng):
+    """The loader before issue 13, written out as the definition: resize the whole frame and flow field to the
+    drawn scale (INTER_AREA shrinking), crop, flip (negating u); valid where the resized mask is ~1."""
+    s = max(1.0, rng.uniform(*augment.scale_range)) if augment.train else 1.0
+    factor = augment.crop_size * s / min(frame.shape[:2])
+    size = (max(augment.crop_size, round(frame.shape[1] * factor)), max(augment.crop_size, round(frame.shape[0] * factor)))
+    scale = np.array([size[0] / frame.shape[1], size[1] / frame.shape[0]], dtype=np.float32)
+    frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    flow = cv2.resize(np.where(valid[..., None], flow, 0), size, interpolation=cv2.INTER_LINEAR) * scale
+    valid = cv2.resize(valid.astype(np.float32), size, interpolation=cv2.INTER_LINEAR) > 0.999
+    top, left = rng.integers(0, size[1] - augment.crop_size + 1), rng.integers(0, size[0] - augment.crop_size + 1)
+    window = (slice(top, top + augment.crop_size), slice(left, left + augment.crop_size))
+    frame, flow, valid = frame[window], flow[window], valid[window]
+    if rng.random() < 0.5:
+        frame, flow, valid = frame[:, ::-1], flow[:, ::-1] * np.array([-1, 1], np.float32), valid[:, ::-1]
+    return frame, flow, valid
+
+
+def smooth_flow(height: int, width: int) -> np.ndarray:
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    return np.dstack([5 * np.sin(xs / 17) + ys / 20, 3 * np.cos(ys / 11) - xs / 40]).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_points_and_flow_match_the_full_field_path(seed):
+    """The same draw gives the same crop, the same points and the same flow at them as resizing the whole field."""
+    frame, flow, valid = textured(150, 200, seed), smooth_flow(150, 200), np.ones((150, 200), bool)
+    augment = Augmentation(crop_size=96, scale_range=(1.0, 1.6))  # factors 0.64-1.02: the INTER_AREA and the warp branches
+    ref_frame, ref_flow, ref_valid = full_field_reference(augment, frame, flow, valid, rng := np.random.default_rng(seed))
+    ref_points = sample_points(ref_valid, 64, rng)
+    transform = augment.draw(frame.shape[:2], rng := np.random.default_rng(seed))
+    points = sample_points(crop_valid(valid, transform), 64, rng)
+    assert np.array_equal(points, ref_points)
+    xs, ys = ref_points[:, 0].astype(int), ref_points[:, 1].astype(int)
+    assert np.abs(flow_at(flow, transform, points) - ref_flow[ys, xs]).max() < 1e-3
+    warped = augment.warp_frame(frame, transform).astype(float)
+    assert np.abs(warped - ref_frame).mean() < 1.5 and np.abs(warped - ref_frame).max() < 40  # INTER_AREA vs bilinear at 0.75-1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_valid_crop_pixels_match_the_full_field_path_around_holes(seed):
+    flow, valid = smooth_flow(120, 160), np.ones((120, 160), bool)
+    valid[30:70, 40:90] = False
+    valid[::7, ::5] = False
+    augment = Augmentation(crop_size=80, scale_range=(1.0, 1.5))
+    _, ref_flow, ref_valid = full_field_reference(augment, textured(120, 160), flow, valid, np.random.default_rng(seed))
+    transform = augment.draw(valid.shape, np.random.default_rng(seed))
+    mask = crop_valid(valid, transform)
+    assert (mask == ref_valid).mean() > 0.99 and not (mask & ~ref_valid).any()  # never valid where the reference is not
+    dense = flow_at(flow, transform, all_pixels(80)).reshape(80, 80, 2)
+    assert np.abs(dense - ref_flow)[mask].max() < 1e-3
 
 
 def test_evaluation_is_a_centre_crop_at_scale_one():

@@ -82,6 +82,15 @@ def samples(out, split):
     return list(wds.WebDataset(shards, shardshuffle=False, empty_check=False)) if shards else []
 
 
+def opencv_sequential_frames(path, last):
+    """BGR frames 0..last of one sequential OpenCV decode (independent of crossflow.data.video)."""
+    capture, frames = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG), []
+    while len(frames) <= last and (read := capture.read())[0]:
+        frames.append(read[1])
+    capture.release()
+    return frames
+
+
 @pytest.fixture(scope="module")
 def baseline(videos, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline") / "pairs"
@@ -91,7 +100,7 @@ def baseline(videos, tmp_path_factory):
 
 def test_counts_and_skip_reasons(baseline, capsys):
     index = json.loads((baseline / "index.json").read_text())
-    assert index["format"] == "crossflow-pairs" and index["format_version"] == 2
+    assert index["format"] == "crossflow-pairs" and index["format_version"] == 3
     counts = index["counts"]
     assert (counts["videos"], counts["videos_ok"], counts["videos_skipped"]) == (11, 5, 6)
     assert counts["pairs"] == index["splits"]["train"]["num_samples"] + index["splits"]["val"]["num_samples"]
@@ -135,8 +144,10 @@ def test_stored_frame_is_rgb_correct_and_flow_is_at_stored_resolution(baseline):
     sample = next(s for s in samples(baseline, "train") + samples(baseline, "val") if b"carphone" in s["meta.json"])
     meta = json.loads(sample["meta.json"])
     t, gap = meta["t"], meta["gap"]
-    frames = prepare.read_frames(meta["source"], [t, t + gap])
+    frames = opencv_sequential_frames(meta["source"], t + gap)  # what prepare stored up to format version 2
     first, second = (prepare.resize_short_side(frames[i], 64) for i in (t, t + gap))
+    assert meta["decode"] == "seek"  # an MP4 with timestamps: read by seeking, yet the same frame bytes
+    assert sample["frame.jpg"] == cv2.imencode(".jpg", first, [cv2.IMWRITE_JPEG_QUALITY, prepare.JPEG_QUALITY])[1].tobytes()
     stored = cv2.imdecode(np.frombuffer(sample["frame.jpg"], np.uint8), cv2.IMREAD_COLOR)
     assert np.abs(stored.astype(int) - first).mean() < 3  # JPEG q95 of the same BGR frame (no channel swap)
     assert np.abs(stored.astype(int) - first[..., ::-1]).mean() > 3 * np.abs(stored.astype(int) - first).mean()

@@ -13,8 +13,10 @@ import pytest
 from PIL import Image
 
 from crossflow.data.render import CLASSES, Scene, SceneObject, affine, ground_truth_flow, make_sprite, render_clip, render_frame
+from crossflow.cli import main as crossflow
 from crossflow.data.synthetic import PALETTE, main
 from crossflow.flow import read_flow
+from crossflow.summary import training_world
 
 from .conftest import SHARED_DATA
 
@@ -42,6 +44,24 @@ def test_render_clip_is_deterministic():
     assert a.surfaces.tobytes() == b.surfaces.tobytes() and a.classes == b.classes
     assert a.frames.tobytes() != c.frames.tobytes()
     assert all(0 <= label < len(CLASSES) for label in a.classes)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_object_world_moves_one_object_over_a_still_background(seed):
+    clip = render_clip(seed, num_frames=12, world="one-object")
+    assert len(clip.classes) == 1 and clip.static == [False]
+    for t in (0, 6):
+        flow, valid = clip.flow(t)
+        background, on_object = (clip.instances[t] == 0) & valid, (clip.instances[t] == 1) & valid
+        assert np.abs(flow[background]).max() < 1e-6 and on_object.any()
+        assert np.abs(flow[on_object]).mean() > 0  # the object moves, the camera and canvas do not
+    # The default world is unchanged by the option: same clip for the same seed.
+    assert render_clip(seed, num_frames=12).frames.tobytes() == render_clip(seed, num_frames=12, world="default").frames.tobytes()
+
+
+def test_unknown_world_is_refused():
+    with pytest.raises(ValueError, match="one-object"):
+        render_clip(0, num_frames=8, world="two-objects")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -216,3 +236,25 @@ def test_imagenet_layout_loads_with_image_folder(tmp_path):
     assert len(train) == 40 and len(val) == 20
     image, label = train[5]
     assert label == 2 and 128 <= min(image.size) and max(image.size) <= 176
+
+
+def test_summary_scores_grouping_on_the_world_the_pairs_were_prepared_from(tmp_path):
+    videos, pairs = tmp_path / "videos", tmp_path / "pairs"
+    assert crossflow(["synth", "videos", "--out", str(videos), "--num-videos", "2", "--frames", "8", "--width", "64",
+                      "--height", "48", "--gap", "2", "--world", "one-object", "--workers", "1"]) == 0
+    assert json.loads((videos / "synth.json").read_text())["world"] == "one-object"
+    assert crossflow(["prepare", str(videos), "--out", str(pairs), "--frames-per-video", "2", "--gap", "2",
+                      "--short-side", "48", "--val-fraction", "0.5", "--workers", "1"]) == 0
+    assert training_world(pairs) == "one-object"
+    assert training_world(tmp_path / "not-prepared") == "default"
+
+
+def test_a_videos_folder_written_before_worlds_is_still_complete(tmp_path, capsys):
+    out = tmp_path / "videos"
+    args = ["synth", "videos", "--out", str(out), "--num-videos", "1", "--frames", "4", "--width", "32", "--height", "32", "--gap", "1", "--workers", "1"]
+    assert crossflow(args) == 0
+    manifest = json.loads((out / "synth.json").read_text())
+    del manifest["world"]  # what an earlier crossflow wrote: its clips are the default world's
+    (out / "synth.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert crossflow(args) == 0 and "already exists with these settings" in capsys.readouterr().out

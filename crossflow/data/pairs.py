@@ -31,11 +31,11 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.files import write_text_atomic
-from crossflow.flow import decode_kitti_png_bytes, normalize_flow
+from crossflow.flow import FLOW_MEMBERS, decode_flow_member, normalize_flow
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
 
 PAIRS_FORMAT = "crossflow-pairs"
-MEMBERS = ("frame.jpg", "flow.png")
+MEMBERS = ("frame.jpg", *FLOW_MEMBERS)  # spans: the frame, then each flow format (absent: -1)
 
 
 def read_index(data_dir: str | Path) -> dict:
@@ -52,49 +52,144 @@ def read_index(data_dir: str | Path) -> dict:
     return index
 
 
+@dataclass(frozen=True)
+class CropTransform:
+    """One sample's scale, crop and flip as a map from crop pixels to stored pixels (axis-aligned, so separable).
+
+    The stored ``[H, W]`` field is notionally resized by ``scale = (s_x, s_y)`` (cv2.resize's pixel-centre
+    convention), cropped at ``(left, top)`` to ``size`` pixels and mirrored when ``flip``. Crop pixel
+    ``(x, y)`` then reads stored pixel ``x_s = (left + x' + 0.5) / s_x - 0.5`` with ``x' = size - 1 - x``
+    on a flip, else ``x``; ``y_s = (top + y + 0.5) / s_y - 0.5``. Flow vectors scale by ``(s_x, s_y)``, u negated on a flip.
+    """
+
+    stored_shape: tuple[int, int]
+    scale: tuple[float, float]
+    left: int
+    top: int
+    size: int
+    flip: bool
+
+    def source_x(self, x: np.ndarray) -> np.ndarray:
+        """Crop x -> stored x (float64)."""
+        x = (self.size - 1 - x) if self.flip else x
+        return (self.left + x + 0.5) / self.scale[0] - 0.5
+
+    def source_y(self, y: np.ndarray) -> np.ndarray:
+        """Crop y -> stored y (float64)."""
+        return (self.top + y + 0.5) / self.scale[1] - 0.5
+
+    def matrix(self) -> np.ndarray:
+        """``[2, 3]`` affine crop -> stored pixel, for ``cv2.warpAffine(..., WARP_INVERSE_MAP)``."""
+        ax, bx = self.source_x(np.float64(1)) - self.source_x(np.float64(0)), self.source_x(np.float64(0))
+        return np.array([[ax, 0, bx], [0, 1 / self.scale[1], self.source_y(np.float64(0))]])
+
+    def vector_scale(self) -> np.ndarray:
+        """``[2]`` factors applied to stored flow vectors (u, v)."""
+        return np.array([-self.scale[0] if self.flip else self.scale[0], self.scale[1]], np.float32)
+
+
+def _neighbours(coords: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps along one axis of ``length``: (i0, i1, w) with value ``(1 - w) f[i0] + w f[i1]``; coordinates
+    clamped to the border as cv2.resize does, and ``i1 = i0`` where ``w = 0`` (so a tap of zero weight is never read)."""
+    coords = np.clip(coords, 0, length - 1)
+    i0 = np.floor(coords).astype(np.intp)
+    weight = (coords - i0).astype(np.float32)
+    return i0, np.minimum(i0 + (weight > 0), length - 1), weight
+
+
+def crop_valid(valid: np.ndarray, transform: CropTransform) -> np.ndarray:
+    """``[S, S]`` bool: crop pixels whose bilinear taps in the stored ``valid [H, W]`` are all valid."""
+    size = transform.size
+    if valid.all():
+        return np.ones((size, size), bool)
+    x0, x1, _ = _neighbours(transform.source_x(np.arange(size, dtype=np.float64)), valid.shape[1])
+    y0, y1, _ = _neighbours(transform.source_y(np.arange(size, dtype=np.float64)), valid.shape[0])
+    rows0, rows1 = valid[y0], valid[y1]
+    return rows0[:, x0] & rows0[:, x1] & rows1[:, x0] & rows1[:, x1]
+
+
+def flow_at(flow: np.ndarray, transform: CropTransform, points: np.ndarray) -> np.ndarray:
+    """Flow of the transformed crop at crop pixels ``points [N, 2]`` (x, y) -> ``[N, 2]`` pixels, read bilinearly
+    from the stored ``flow [H, W, 2]`` and scaled (u negated on a flip). Own gather rather than cv2.remap, which
+    rounds positions to 1/32 px; N = 512 points cost microseconds."""
+    x0, x1, wx = _neighbours(transform.source_x(points[:, 0].astype(np.float64)), flow.shape[1])
+    y0, y1, wy = _neighbours(transform.source_y(points[:, 1].astype(np.float64)), flow.shape[0])
+    wx, wy = wx[:, None], wy[:, None]
+    top = flow[y0, x0] * (1 - wx) + flow[y0, x1] * wx
+    bottom = flow[y1, x0] * (1 - wx) + flow[y1, x1] * wx
+    return (top * (1 - wy) + bottom * wy) * transform.vector_scale()
+
+
+def all_pixels(size: int) -> np.ndarray:
+    """Every pixel centre of a ``size`` square crop, row-major: ``[size * size, 2]`` (x, y) float32."""
+    ys, xs = np.divmod(np.arange(size * size), size)
+    return np.stack([xs, ys], axis=-1).astype(np.float32)
+
+
 @dataclass
 class Augmentation:
-    """Scale, crop and flip applied identically to frame and flow.
+    """Scale, crop and flip applied identically to frame and flow, without resizing either whole.
 
-    The frame is resized so its short side is ``crop_size * max(1, s)``, ``s ~ U(scale_range)``;
-    flow vectors are multiplied by the same factors (per axis, as the resize rounds). A horizontal flip mirrors both and
-    negates u. Evaluation (``train=False``): ``s = 1``, centre crop, no flip.
+    The short side is scaled to ``crop_size * max(1, s)``, ``s ~ U(scale_range)`` (per-axis factors as the size
+    rounds); flow vectors are multiplied by the same factors, and a horizontal flip mirrors both and negates u.
+    Evaluation (``train=False``): ``s = 1``, centre crop, no flip. :meth:`draw` makes the sample's
+    :class:`CropTransform`; the frame is warped straight from the stored image to the crop (:meth:`warp_frame`)
+    and the flow is read only where it is needed (:func:`flow_at`, :func:`crop_valid`).
     """
 
     crop_size: int
     scale_range: tuple[float, float] = (1.0, 1.5)
     train: bool = True
+    # Shrinking by more than this resizes the whole frame first with INTER_AREA (anti-aliased), as before;
+    # at or above it, one bilinear warp differs from INTER_AREA by a few grey levels (tests/test_pairs.py).
+    area_below: float = 0.75
 
-    def __call__(self, frame: np.ndarray, flow: np.ndarray, valid: np.ndarray, rng: np.random.Generator):
-        """frame ``[H, W, 3]`` uint8, flow ``[H, W, 2]``, valid ``[H, W]`` -> the same, ``crop_size`` square."""
+    def draw(self, shape: tuple[int, int], rng: np.random.Generator) -> CropTransform:
+        """The transform for a stored ``shape (H, W)``; draws s, top, left, flip from ``rng`` in that order."""
         s = max(1.0, rng.uniform(*self.scale_range)) if self.train else 1.0  # never below the crop
-        factor = self.crop_size * s / min(frame.shape[:2])
-        size = (max(self.crop_size, round(frame.shape[1] * factor)), max(self.crop_size, round(frame.shape[0] * factor)))
-        scale = np.array([size[0] / frame.shape[1], size[1] / frame.shape[0]], dtype=np.float32)
-        frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
-        flow = cv2.resize(np.where(valid[..., None], flow, 0), size, interpolation=cv2.INTER_LINEAR) * scale
-        valid = cv2.resize(valid.astype(np.float32), size, interpolation=cv2.INTER_LINEAR) > 0.999
-        height, width = frame.shape[:2]
+        factor = self.crop_size * s / min(shape)
+        width, height = max(self.crop_size, round(shape[1] * factor)), max(self.crop_size, round(shape[0] * factor))
         if self.train:
             top, left = rng.integers(0, height - self.crop_size + 1), rng.integers(0, width - self.crop_size + 1)
         else:
             top, left = (height - self.crop_size) // 2, (width - self.crop_size) // 2
-        window = (slice(top, top + self.crop_size), slice(left, left + self.crop_size))
-        frame, flow, valid = frame[window], flow[window], valid[window]
-        if self.train and rng.random() < 0.5:
-            frame, flow, valid = frame[:, ::-1], flow[:, ::-1] * np.array([-1, 1], np.float32), valid[:, ::-1]
-        return np.ascontiguousarray(frame), np.ascontiguousarray(flow), np.ascontiguousarray(valid)
+        flip = bool(self.train and rng.random() < 0.5)
+        return CropTransform(tuple(shape), (width / shape[1], height / shape[0]), int(left), int(top), self.crop_size, flip)
+
+    def warp_frame(self, frame: np.ndarray, transform: CropTransform) -> np.ndarray:
+        """Stored ``frame [H, W, 3]`` uint8 -> the crop ``[S, S, 3]``: one cv2.warpAffine (bilinear, border replicated)."""
+        if min(transform.scale) < self.area_below:
+            height, width = frame.shape[:2]
+            size = (round(width * transform.scale[0]), round(height * transform.scale[1]))
+            frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+            transform = CropTransform(frame.shape[:2], (1.0, 1.0), transform.left, transform.top, transform.size, transform.flip)
+        return cv2.warpAffine(frame, transform.matrix(), (transform.size, transform.size),
+                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+
+    def __call__(self, frame: np.ndarray, flow: np.ndarray, valid: np.ndarray, rng: np.random.Generator):
+        """Dense form: frame ``[H, W, 3]`` uint8, flow ``[H, W, 2]``, valid ``[H, W]`` -> the same, ``crop_size`` square."""
+        transform = self.draw(frame.shape[:2], rng)
+        size = self.crop_size
+        dense_flow = flow_at(np.where(valid[..., None], flow, 0).astype(np.float32), transform, all_pixels(size))
+        return self.warp_frame(frame, transform), dense_flow.reshape(size, size, 2), crop_valid(valid, transform)
+
+
+_NORMALISE = ((np.arange(256, dtype=np.float32) / 255)[None] - np.float32(IMAGE_MEAN)[:, None]) / np.float32(IMAGE_STD)[:, None]
 
 
 def normalize_image(frame: np.ndarray) -> torch.Tensor:
-    """``[H, W, 3]`` uint8 RGB -> ``[3, H, W]`` float: RGB in [0, 1], then ``(x - IMAGE_MEAN) / IMAGE_STD``."""
-    image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 255
-    return (image - torch.tensor(IMAGE_MEAN).view(3, 1, 1)) / torch.tensor(IMAGE_STD).view(3, 1, 1)
+    """``[H, W, 3]`` uint8 RGB -> ``[3, H, W]`` float: RGB in [0, 1], then ``(x - IMAGE_MEAN) / IMAGE_STD``
+    (a 256-entry table per channel, the same float32 values as computing it)."""
+    return torch.from_numpy(np.stack([_NORMALISE[c][frame[..., c]] for c in range(3)]))
 
 
 def sample_points(valid: np.ndarray, num_points: int, rng: np.random.Generator) -> np.ndarray:
     """``num_points`` pixel centres ``[N, 2]`` (x, y), uniform among valid pixels (without
     replacement when there are enough)."""
+    if valid.all():  # the usual case (dense estimated flow): the same draw without listing the pixels
+        chosen = rng.choice(valid.size, size=num_points, replace=valid.size < num_points)
+        ys, xs = np.divmod(chosen, valid.shape[1])
+        return np.stack([xs, ys], axis=-1).astype(np.float32)
     ys, xs = np.nonzero(valid)
     if len(xs) == 0:
         ys, xs = np.nonzero(np.ones_like(valid))
@@ -179,59 +274,83 @@ class PairShards(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _read(self, shard: Path, key: str, name: str, span: np.ndarray) -> bytes:
-        offset, size = span.tolist()
-        if offset < 0:
-            raise KeyError(f"no {key}.{name} member")
-        with open(shard, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
+    def flow_member_name(self, i: int) -> str:
+        """The member item ``i`` holds its flow in (the first of :data:`FLOW_MEMBERS` present; ``flow.png`` when none)."""
+        present = np.flatnonzero(self.spans[i, 1:, 0] >= 0)
+        return FLOW_MEMBERS[present[0] if len(present) else 0]
 
-    def _rng(self, key: str) -> np.random.Generator:
+    def read_members(self, i: int) -> tuple[bytes, bytes, str]:
+        """(frame bytes, flow bytes, flow member name) of item ``i``; KeyError when one is missing."""
+        shard, key, flow_name = self.shards[self.shard_of[i]], str(self.keys[i]), self.flow_member_name(i)
+        spans = self.spans[i]
+        out = []
+        with open(shard, "rb") as f:
+            for name, (offset, size) in ((MEMBERS[0], spans[0]), (flow_name, spans[1 + FLOW_MEMBERS.index(flow_name)])):
+                if offset < 0:
+                    raise KeyError(f"no {key}.{name} member")
+                f.seek(offset)
+                out.append(f.read(size))
+        return out[0], out[1], flow_name
+
+    @staticmethod
+    def decode_frame(members: tuple[bytes, bytes, str]) -> np.ndarray:
+        """The frame member -> ``[H, W, 3]`` uint8 RGB."""
+        frame = cv2.imdecode(np.frombuffer(members[0], np.uint8), cv2.IMREAD_COLOR)
+        if frame is None:
+            raise ValueError("frame.jpg does not decode")
+        return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+    @staticmethod
+    def decode_flow(members: tuple[bytes, bytes, str]) -> tuple[np.ndarray, np.ndarray]:
+        """The flow member -> (flow ``[H, W, 2]`` float32 px, valid ``[H, W]`` bool), by its format."""
+        return decode_flow_member(members[2], members[1])
+
+    def rng(self, key: str) -> np.random.Generator:
         """Training: a stream per (seed, epoch, key); evaluation: per key only, the same every epoch."""
         epoch = self.epoch if self.augmentation.train else 0
         return np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())])
 
-    def _augmented(self, i: int):
-        """Sample ``i`` decoded and augmented: (frame ``[S, S, 3]`` uint8 RGB, flow ``[S, S, 2]`` px, valid ``[S, S]``,
-        its rng), or None when a member fails to decode (warned)."""
+    def augment(self, frame: np.ndarray, flow_valid: tuple[np.ndarray, np.ndarray], rng: np.random.Generator):
+        """Draw the sample's transform and warp the frame: (image ``[3, S, S]`` normalised, transform, flow, valid, rng)."""
+        transform = self.augmentation.draw(frame.shape[:2], rng)
+        return normalize_image(self.augmentation.warp_frame(frame, transform)), transform, *flow_valid, rng
+
+    def finish(self, augmented: tuple, key: str) -> dict:
+        """N points among the crop's valid pixels and their eq. 6 flow, read from the stored field -> the sample dict."""
+        image, transform, flow, valid, rng = augmented
+        points = sample_points(crop_valid(valid, transform), self.num_points, rng)
+        flow_points = flow_at(flow, transform, points)
+        return {"image": image, "points": torch.from_numpy(points),
+                "flow": torch.from_numpy(normalize_flow(flow_points, self.max_magnitude)), "key": key}
+
+    def _decoded(self, i: int):
+        """Item ``i``'s (frame RGB, (flow, valid)), or None when a member fails to decode (warned)."""
         shard, key = self.shards[self.shard_of[i]], str(self.keys[i])
         try:
-            frame_bytes, flow_bytes = (self._read(shard, key, name, span) for name, span in zip(MEMBERS, self.spans[i]))
-            frame = cv2.imdecode(np.frombuffer(frame_bytes, np.uint8), cv2.IMREAD_COLOR)
-            if frame is None:
-                raise ValueError("frame.jpg does not decode")
-            flow, valid = decode_kitti_png_bytes(flow_bytes)
+            members = self.read_members(i)
+            frame, (flow, valid) = self.decode_frame(members), self.decode_flow(members)
             if flow.shape[:2] != frame.shape[:2]:
                 raise ValueError(f"flow {flow.shape[:2]} and frame {frame.shape[:2]} sizes differ")
         except (KeyError, ValueError, OSError, cv2.error) as error:
             self._warn_once(shard, key, error)
             return None
-        rng = self._rng(key)
-        return (*self.augmentation(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), flow, valid, rng), rng)
+        return frame, (flow, valid)
 
     def dense_sample(self, i: int) -> dict | None:
         """Item ``i`` with its whole flow field instead of sampled pixels (None when it fails to decode):
         ``frame [S, S, 3]`` uint8 RGB, ``image [3, S, S]`` normalised, ``flow [S, S, 2]`` pixels, ``valid [S, S]``, ``key``."""
-        augmented = self._augmented(i)
-        if augmented is None:
+        decoded = self._decoded(i)
+        if decoded is None:
             return None
-        frame, flow, valid, _ = augmented
+        frame, flow, valid = self.augmentation(decoded[0], *decoded[1], self.rng(str(self.keys[i])))
         return {"frame": frame, "image": normalize_image(frame), "flow": flow, "valid": valid, "key": str(self.keys[i])}
 
     def __getitem__(self, i: int):
-        augmented = self._augmented(i)
-        if augmented is None:
+        decoded = self._decoded(i)
+        if decoded is None:
             return None
-        frame, flow, valid, rng = augmented
-        points = sample_points(valid, self.num_points, rng)
-        xs, ys = points[:, 0].astype(int), points[:, 1].astype(int)
-        return {
-            "image": normalize_image(frame),
-            "points": torch.from_numpy(points),
-            "flow": torch.from_numpy(normalize_flow(flow[ys, xs], self.max_magnitude)),
-            "key": str(self.keys[i]),
-        }
+        key = str(self.keys[i])
+        return self.finish(self.augment(*decoded, self.rng(key)), key)
 
     def _warn_once(self, shard: Path, key: str, error: Exception) -> None:
         self.failures[shard] = self.failures.get(shard, 0) + 1

@@ -14,9 +14,10 @@ Videos are split by video (a hash of seed and name), ordered by video id and cut
 of ``round(shard_size / frames_per_video)`` videos; a group makes one shard. Groups depend only on
 the video list and the options, so a rerun skips finished groups (resume), ``--num-tasks T`` runs
 every T-th group, and every way of running writes the same bytes (tar mtime 0, one OpenCV thread
-per process). A video's name is its path relative to the deepest folder holding all the videos, so
-ids, split and frames stay the same when the video tree moves (another mount point, a copy);
-``video-id`` is the first 16 hex digits of sha256 of the name.
+and one decoder thread per process; frames come from seeking, crossflow.data.video). A video's
+name is its path relative to the deepest folder holding all the videos, so ids, split and frames
+stay the same when the video tree moves (another mount point, a copy); ``video-id`` is the first
+16 hex digits of sha256 of the name.
 """
 
 from __future__ import annotations
@@ -42,13 +43,16 @@ import webdataset as wds
 from tqdm import tqdm
 
 from crossflow.data.pairs import write_member_index
+from crossflow.data.video import PacketIndex, VideoUnreadable, read_frames, scan_packets
 from crossflow.errors import UserInputError
 from crossflow.files import write_text_atomic
 from crossflow.flow import FLOW_METHODS, encode_kitti_png_bytes, estimate_flow, resolve_flow_params
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ogv")
 SPLITS = ("train", "val")
-FORMAT, FORMAT_VERSION = "crossflow-pairs", 2  # 2: video ids hash names relative to the video root
+# 2: video ids hash names relative to the video root; 3: meta.json gains "decode" (seek or sequential,
+# see crossflow.data.video); frames, flow and every other field are the same bytes as in version 2
+FORMAT, FORMAT_VERSION = "crossflow-pairs", 3
 JPEG_QUALITY = 95
 MIN_FRAME_STD = 2.0  # grey levels: a flatter frame (black, blank, deep fade) gives no usable flow
 VIDEO_LIST_KEYS = ("inputs", "num_videos", "videos_sha256")  # settings compared as one "video list"
@@ -210,11 +214,12 @@ def _process_video(job: VideoJob) -> VideoResult:
         raise SkipVideo("file not found")
     if os.path.getsize(job.path) == 0:
         raise SkipVideo("empty file (0 bytes)")
-    num_frames, fps = count_frames(job.path)
+    index = count_frames(job.path)
+    num_frames, fps = index.num_frames, index.fps
     if num_frames <= job.gap:
         raise SkipVideo(f"too short: {num_frames} decodable frames, need more than --gap {job.gap}")
     times = sample_times(job.name, num_frames, job.frames_per_video, job.gap, job.seed)
-    frames = read_frames(job.path, times + [t + job.gap for t in times])
+    frames, decode = read_frames(job.path, times + [t + job.gap for t in times], index)
     result = VideoResult(job.path, job.name, num_frames=num_frames)
     for t in times:
         if t not in frames or t + job.gap not in frames:
@@ -224,7 +229,7 @@ def _process_video(job: VideoJob) -> VideoResult:
         if any(map(_is_flat, pair)):
             result.skipped_pairs.append({"t": t, "reason": f"near-constant frame (grey std < {MIN_FRAME_STD})"})
             continue
-        meta = _meta(job, t, fps, num_frames, frames[t].shape, pair[0].shape)
+        meta = _meta(job, t, fps, num_frames, frames[t].shape, pair[0].shape) | {"decode": decode}
         result.samples.append(make_sample(pair[0], pair[1], job.method, job.params, meta))
     if not result.samples:
         reasons = sorted({entry["reason"] for entry in result.skipped_pairs})
@@ -237,38 +242,15 @@ def _is_flat(frame: np.ndarray) -> bool:
     return float(cv2.meanStdDev(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))[1][0, 0]) < MIN_FRAME_STD
 
 
-def _open(path: str) -> cv2.VideoCapture:
-    capture = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
-    if not capture.isOpened():
-        raise SkipVideo("cannot open as a video (not a video, damaged, or unsupported container/codec)")
-    return capture
-
-
-def count_frames(path: str) -> tuple[int, float]:
-    """(number of decodable frames, fps): decodes the whole video, as the header count can lie."""
-    capture = _open(path)
-    fps, count = capture.get(cv2.CAP_PROP_FPS), 0
-    while capture.grab():
-        count += 1
-    capture.release()
-    if count == 0:
+def count_frames(path: str) -> PacketIndex:
+    """Frame count, fps and keyframes from a scan of the container's packets (nothing decoded)."""
+    try:
+        index = scan_packets(path)
+    except VideoUnreadable:
+        raise SkipVideo("cannot open as a video (not a video, damaged, or unsupported container/codec)") from None
+    if index.num_frames == 0:
         raise SkipVideo("no decodable frames (damaged, or unsupported codec)")
-    return count, fps
-
-
-def read_frames(path: str, indices: Iterable[int]) -> dict[int, np.ndarray]:
-    """Frames ``{index: BGR uint8 [H, W, 3]}`` read sequentially (seeking is not frame-exact)."""
-    wanted = set(indices)
-    frames, capture = {}, _open(path)
-    for index in range(max(wanted, default=-1) + 1):
-        if not capture.grab():
-            break
-        if index in wanted:
-            ok, frame = capture.retrieve()
-            if ok:
-                frames[index] = frame
-    capture.release()
-    return frames
+    return index
 
 
 def resize_short_side(frame: np.ndarray, short_side: int) -> np.ndarray:

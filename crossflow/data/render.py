@@ -494,17 +494,28 @@ def sample_object(rng, label: int, times: np.ndarray, size: float, anchor, camer
     return SceneObject(label, sprite, motion, static, pose)
 
 
-def sample_clip_scene(rng, num_frames: int, size) -> Scene:
+WORLDS = ("default", "one-object")
+
+
+def sample_clip_scene(rng, num_frames: int, size, world: str = "default") -> Scene:
     """A clip's scene: canvas twice the frame, camera (still 15 %), 1-4 objects of random classes,
-    each static relative to the canvas with probability 0.3."""
+    each static relative to the canvas with probability 0.3.
+
+    ``world="one-object"``: the simplest case the method must solve, one moving object of a random
+    class over a still camera and background (a diagnostic world: flow separates exactly object and
+    background)."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown synthetic world {world!r}; choose from {WORLDS}")
+    one_object = world == "one-object"
     width, height = size
     canvas = make_background(rng, 2 * width, 2 * height)
-    camera = sample_camera(rng, num_frames, size, (2 * width, 2 * height), still=rng.random() < 0.15)
+    camera = sample_camera(rng, num_frames, size, (2 * width, 2 * height), still=one_object or rng.random() < 0.15)
     times = np.arange(num_frames, dtype=np.float64)
     objects = [
         sample_object(rng, int(rng.integers(len(CLASSES))), times, rng.uniform(0.3, 0.6) * height,
-                      (rng.uniform(0.15, 0.85) * width, rng.uniform(0.2, 0.8) * height), camera[0], rng.random() < 0.3)
-        for _ in range(rng.integers(1, 5))
+                      (rng.uniform(0.15, 0.85) * width, rng.uniform(0.2, 0.8) * height), camera[0],
+                      not one_object and rng.random() < 0.3)
+        for _ in range(1 if one_object else rng.integers(1, 5))
     ]
     return Scene(canvas, camera, objects, tuple(size))
 
@@ -605,11 +616,11 @@ class SyntheticClip:
         return ground_truth_flow(self.surfaces, self.instances, t, self.gap if gap is None else gap)
 
 
-def render_clip(seed: int, num_frames: int = 24, size=(192, 144), gap: int = 5) -> SyntheticClip:
-    """Render the clip of ``seed`` (deterministic): ``size`` is (width, height)."""
+def render_clip(seed: int, num_frames: int = 24, size=(192, 144), gap: int = 5, world: str = "default") -> SyntheticClip:
+    """Render the clip of ``seed`` (deterministic) in ``world`` (:data:`WORLDS`): ``size`` is (width, height)."""
     if num_frames < 1 or min(size) < 16 or gap < 1:
         raise ValueError(f"bad clip settings: num_frames={num_frames}, size={size}, gap={gap}")
-    scene = sample_clip_scene(np.random.default_rng(seed), num_frames, size)
+    scene = sample_clip_scene(np.random.default_rng(seed), num_frames, size, world)
     frames, instances = zip(*(render_frame(scene, t) for t in range(num_frames)))
     return SyntheticClip(np.stack(frames), np.stack(instances), [o.label for o in scene.objects],
                          [o.static for o in scene.objects], scene.surfaces(), gap)

@@ -11,7 +11,7 @@ complete (``DIR/synth.json`` records the settings; rerunning with the same setti
     DIR/groundtruth/clip_0000/flow_0000.png ...       KITTI 16-bit flow frame t -> t+gap, t = 0..T-gap-1
 
     Flow is exact on the *rendered* frames (the video is lossy: ~4 grey levels mean error);
-    ``render_clip(clip.json's render_seed, num_frames, (width, height), gap)`` re-renders them.
+    ``render_clip(clip.json's render_seed, num_frames, (width, height), gap, world)`` re-renders them.
     Flow values are exact at every pixel; valid = the surface point is inside the frame and
     not occluded at t+gap (so invalid pixels are occluded or out of view).
 
@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from crossflow.data.render import CLASSES, render_clip, render_frame, sample_still_scene
+from crossflow.data.render import CLASSES, WORLDS, render_clip, render_frame, sample_still_scene
 from crossflow.errors import UserInputError
 from crossflow.flow import write_flow
 
@@ -105,10 +105,10 @@ def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
     writer.release()
 
 
-def write_clip(root: Path, index: int, seed: int, num_frames: int, size: tuple, gap: int, fps: float) -> None:
+def write_clip(root: Path, index: int, seed: int, num_frames: int, size: tuple, gap: int, fps: float, world: str) -> None:
     """Clip ``index``: its video under ``root/videos`` and its ground truth under ``root/groundtruth``."""
     name, render_seed = f"clip_{index:04d}", item_seed(seed, 0, index)
-    clip = render_clip(render_seed, num_frames, size, gap)
+    clip = render_clip(render_seed, num_frames, size, gap, world)
     write_video(root / "videos" / f"{name}{VIDEO_SUFFIX}", clip.frames, fps)
     truth = root / "groundtruth" / name
     truth.mkdir(parents=True)
@@ -118,7 +118,7 @@ def write_clip(root: Path, index: int, seed: int, num_frames: int, size: tuple, 
         write_flow(truth / f"flow_{t:04d}.png", *clip.flow(t))
     meta = {
         "video": f"videos/{name}{VIDEO_SUFFIX}", "render_seed": render_seed, "num_frames": num_frames,
-        "width": size[0], "height": size[1], "fps": fps, "gap": gap,
+        "width": size[0], "height": size[1], "fps": fps, "gap": gap, "world": world,
         "flow": "flow_%04d.png: KITTI 16-bit, frame t -> t+gap on the rendered frames; valid = visible at t+gap",
         "instances": [{"id": k, "class": CLASSES[label], "class_index": label, "static": static}
                       for k, (label, static) in enumerate(zip(clip.classes, clip.static), start=1)],
@@ -130,9 +130,9 @@ def write_videos(root: Path, args) -> str:
     """``args.num_videos`` clips; returns a summary."""
     (root / "videos").mkdir(parents=True)
     size = (args.width, args.height)
-    jobs = [(root, index, args.seed, args.frames, size, args.gap, args.fps) for index in range(args.num_videos)]
+    jobs = [(root, index, args.seed, args.frames, size, args.gap, args.fps, args.world) for index in range(args.num_videos)]
     parallel(write_clip, jobs, args.workers)
-    return f"{args.num_videos} videos of {args.frames} frames {args.width}x{args.height}"
+    return f"{args.num_videos} videos of {args.frames} frames {args.width}x{args.height} ({args.world} world)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def write_imagenet(root: Path, args) -> str:
 
 WRITERS = {"videos": write_videos, "voc": write_voc, "imagenet": write_imagenet}
 SETTINGS = {
-    "videos": ("seed", "num_videos", "frames", "width", "height", "gap", "fps"),
+    "videos": ("seed", "num_videos", "frames", "width", "height", "gap", "fps", "world"),
     "voc": ("seed", "num_images"),
     "imagenet": ("seed", "images_per_class", "val_per_class"),
 }
@@ -327,6 +327,8 @@ def is_complete(out: Path, expected: dict) -> bool:
     if not path.is_file():
         raise SynthError(f"{out} exists and is not a crossflow synth output; remove it or choose another --out")
     found = json.loads(path.read_text())
+    if found.get("kind") == "videos":
+        found.setdefault("world", "default")  # written before worlds existed: the same clips as the default world
     if found != expected:
         raise SynthError(f"{out} holds a synth output with other settings ({found}); remove it or choose another --out")
     return True
@@ -389,6 +391,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     videos.add_argument("--height", type=int, default=144)
     videos.add_argument("--gap", type=int, default=5, help="ground-truth flow is frame t -> t+gap")
     videos.add_argument("--fps", type=float, default=25.0)
+    videos.add_argument("--world", choices=WORLDS, default="default",
+                        help="default: 1-4 objects, moving camera; one-object: one moving object, still camera and background")
     voc = kinds.add_parser("voc", help="labelled stills in the VOCdevkit VOC2007 + VOC2012 layouts")
     voc.add_argument("--num-images", type=int, default=300, help="images per year")
     imagenet = kinds.add_parser("imagenet", help="one-object images in an ImageFolder train/val layout")

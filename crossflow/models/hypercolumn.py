@@ -51,6 +51,16 @@ def pixel_grid_chunks(height: int, width: int, chunk: int, device=None) -> Itera
     yield from coords.split(chunk)
 
 
+def project_first(shape: torch.Size | tuple[int, ...], num_points: int, hidden_dim: int) -> bool:
+    """Whether a tap ``[B, C, h, w]`` is cheaper projected to ``hidden_dim`` at its own resolution then sampled at
+    ``num_points`` pixels than sampled then projected: ``h w C H + 4 N H < N C H + 4 N C`` per image (multiply-adds,
+    and four bilinear taps per sampled value)."""
+    channels, height, width = shape[1], shape[2], shape[3]
+    project = height * width * channels * hidden_dim + 4 * num_points * hidden_dim
+    sample = num_points * channels * hidden_dim + 4 * num_points * channels
+    return project < sample
+
+
 class HypercolumnMLP(nn.Module):
     """Sparse hypercolumn -> MLP with one hidden layer (ReLU) -> ``out_dim`` values per pixel."""
 
@@ -71,21 +81,44 @@ class HypercolumnMLP(nn.Module):
     ) -> torch.Tensor:
         """``self(sparse_hypercolumn(activations, points, geometry, taps))`` without building the hypercolumn.
 
-        The first layer is split by tap, ``W x = sum_t W_t x_t``; a tap whose map is a single
-        position (fc6/fc7 at 224 px) is the same at every pixel, so ``W_t x_t`` is computed once
-        per image instead of once per pixel (4096 of the paper's 4928 inputs). Returns ``[B, N, out_dim]``.
+        The first layer is split by tap, ``W x = sum_t W_t x_t``, and bilinear sampling is linear, so each tap
+        is either sampled at the N points then projected (``N C_t`` values sampled, ``N C_t H`` multiply-adds) or
+        projected at its own ``h x w`` resolution then sampled (``h w C_t H`` multiply-adds, ``N H`` sampled),
+        whichever :func:`project_first` says is cheaper: at 224 px and N = 512, conv1 and pool1 sample first,
+        conv3 and pool5 project first, and a 1 x 1 map (fc6/fc7) is projected once per image. Exact (up to
+        float rounding). Returns ``[B, N, out_dim]``.
         """
         first = self.mlp[0]
-        hidden, start = first.bias, 0
-        for tap in taps:
-            features = activations[tap]
-            weight = first.weight[:, start : start + features.shape[1]]
-            start += features.shape[1]
-            if features.shape[-2:] == (1, 1):
-                hidden = hidden + (features.flatten(1) @ weight.T).unsqueeze(1)
-            else:
-                hidden = hidden + sample_at_points(features, points, *geometry[tap]) @ weight.T
+        weights = dict(zip(taps, first.weight.split([activations[t].shape[1] for t in taps], dim=1)))
+        num_points = points.shape[1]
+        sampled = [t for t in taps if not project_first(activations[t].shape, num_points, first.out_features)]
+        projected = [t for t in taps if t not in sampled]
+        maps = self._projected_maps(activations, geometry, projected, weights)
+        # [B, N, hidden] is the largest tensor of the head (200 MB at the paper's scale), so each term is added
+        # into it in place, the bias and the once-per-image terms fused into the sample-first matmul.
+        per_image = first.bias + sum((m.flatten(1) for m, _ in maps if m.shape[-2:] == (1, 1)), torch.zeros_like(first.bias))
+        per_image = per_image.expand(points.shape[0], -1) if per_image.dim() == 1 else per_image
+        if sampled:  # one batched matmul for all sample-first taps
+            columns = sparse_hypercolumn(activations, points, geometry, sampled)
+            weight = torch.cat([weights[t] for t in sampled], dim=1)
+            hidden = torch.baddbmm(per_image.unsqueeze(1).expand(-1, num_points, -1), columns, weight.T.expand(columns.shape[0], -1, -1))
+        else:
+            hidden = per_image.unsqueeze(1).repeat(1, num_points, 1)
+        for projection, (stride, offset) in maps:
+            if projection.shape[-2:] != (1, 1):
+                hidden.add_(sample_at_points(projection, points, stride, offset))
         return self.mlp[1:](hidden)
+
+    @staticmethod
+    def _projected_maps(activations, geometry, taps, weights) -> list[tuple[torch.Tensor, tuple[float, float]]]:
+        """``W_t x_t`` per tap as a 1x1 convolution, summed over taps of equal geometry and size:
+        ``[(map [B, hidden, h, w], (stride, offset))]``."""
+        maps: dict[tuple, torch.Tensor] = {}
+        for tap in taps:
+            group = (tuple(geometry[tap]), tuple(activations[tap].shape[-2:]))
+            projection = F.conv2d(activations[tap], weights[tap][:, :, None, None])
+            maps[group] = maps[group] + projection if group in maps else projection
+        return [(projection, group[0]) for group, projection in maps.items()]
 
     def project_taps(
         self, activations: Mapping[str, torch.Tensor], geometry: Mapping[str, tuple[float, float]], taps: list[str] | tuple[str, ...]
@@ -95,13 +128,8 @@ class HypercolumnMLP(nn.Module):
 
         Bilinear sampling is linear, so ``W [x_1; ...; x_T](p) = sum_t sample(W_t x_t)(p)``: exact.
         """
-        weights = self.mlp[0].weight.split([activations[t].shape[1] for t in taps], dim=1)
-        maps: dict[tuple, torch.Tensor] = {}
-        for tap, weight in zip(taps, weights):
-            group = (geometry[tap], activations[tap].shape[-2:])
-            projection = F.conv2d(activations[tap], weight[:, :, None, None])
-            maps[group] = maps[group] + projection if group in maps else projection
-        return [(projection, group[0]) for group, projection in maps.items()]
+        weights = dict(zip(taps, self.mlp[0].weight.split([activations[t].shape[1] for t in taps], dim=1)))
+        return self._projected_maps(activations, geometry, taps, weights)
 
     def forward_dense(
         self,
