@@ -5,7 +5,7 @@ random batches of the config's shape, after warm-up; then splits one step into t
 backbone (forward + backward up to the taps) and the head + loss (sampling, MLP, loss and
 their backward). Writes ``benchmarks/results/pretrain_throughput.md``.
 
-    python benchmarks/pretrain_throughput.py [--steps 5] [--configs demo paper] [--device cpu]
+    python benchmarks/pretrain_throughput.py [--steps 5] [--configs demo paper] [--device cpu|cuda] [--precision 32|bf16]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ CONFIGS = {
     # name: (crop, batch, points, taps, hidden width) as in configs/pretrain/{demo,cpof_alexnet}.yaml
     "demo": (128, 32, 256, ["conv1", "pool1", "conv3", "pool5"], 512),
     "paper": (224, 96, 512, ["conv1", "pool1", "conv3", "pool5", "fc7"], 1024),
+    "tiny": (64, 4, 32, ["conv1", "pool1", "conv3", "pool5"], 64),  # benchmarks/gpu_check.sh --dry-run's sizes
 }
 
 
@@ -39,14 +40,18 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def autocast(device: str, precision: str):
+    """bf16 autocast as Lightning's ``bf16-mixed`` (weights stay float32), or a no-op for ``32``."""
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def time_steps(module: CrossFlowPretraining, batch: dict, steps: int, device: str, precision: str) -> float:
     """Seconds per full training step."""
     optimizer = module.configure_optimizers()
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
+        with autocast(device, precision):
             loss = module.objective_loss(module(batch["image"], batch["points"]), batch["flow"])
         loss.backward()
         optimizer.step()
@@ -60,18 +65,21 @@ def time_steps(module: CrossFlowPretraining, batch: dict, steps: int, device: st
     return (time.perf_counter() - start) / steps
 
 
-def time_backbone_share(module: CrossFlowPretraining, batch: dict, steps: int, device: str) -> float:
-    """Share of a step's time spent in the backbone (forward + backward to its taps)."""
+def time_backbone_share(module: CrossFlowPretraining, batch: dict, steps: int, device: str, precision: str) -> float:
+    """Share of a step's time spent in the backbone (forward + backward to its taps), at the steps' precision."""
     taps = module.hparams.taps
 
     def backbone_only():
-        activations = module.backbone(batch["image"], taps)
+        with autocast(device, precision):
+            activations = module.backbone(batch["image"], taps)
         torch.autograd.backward(list(activations.values()), [torch.ones_like(a) for a in activations.values()])
 
     def full():
-        activations = module.backbone(batch["image"], taps)
-        output = module.head.forward_at_points(activations, batch["points"], module.geometry, taps)
-        module.objective_loss(output, batch["flow"]).backward()
+        with autocast(device, precision):
+            activations = module.backbone(batch["image"], taps)
+            output = module.head.forward_at_points(activations, batch["points"], module.geometry, taps)
+            loss = module.objective_loss(output, batch["flow"])
+        loss.backward()
 
     timings = {}
     for name, fn in (("backbone", backbone_only), ("full", full)):
@@ -88,7 +96,7 @@ def time_backbone_share(module: CrossFlowPretraining, batch: dict, steps: int, d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["demo", "paper"], choices=list(CONFIGS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="32", choices=["32", "bf16"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "pretrain_throughput.md"))
@@ -102,8 +110,8 @@ def main() -> None:
         module = CrossFlowPretraining(taps=taps, hidden_dim=hidden).to(args.device).train()
         batch = random_batch(crop, batch_size, points, args.device)
         seconds = time_steps(module, batch, args.steps, args.device, args.precision)
-        share = time_backbone_share(module, batch, args.steps, args.device)
-        rows.append(f"| {name} | {crop} | {batch_size} | {points} | {seconds:.2f} | {batch_size / seconds:.1f} | {100 * share:.0f}% | {100 * (1 - share):.0f}% | {1 / share:.2f}x |")
+        share = time_backbone_share(module, batch, args.steps, args.device, args.precision)
+        rows.append(f"| {name} | {crop} | {batch_size} | {points} | {seconds:.4g} | {batch_size / seconds:.1f} | {100 * share:.0f}% | {100 * (1 - share):.0f}% | {1 / share:.2f}x |")
         print(rows[-1], flush=True)
     table = "\n".join([
         f"Machine: {machine}; torch {torch.__version__}; precision {args.precision}; {args.steps} timed steps after warm-up.",

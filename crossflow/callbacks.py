@@ -1,13 +1,20 @@
-"""Training callbacks of the pretraining configs."""
+"""Training callbacks of the pretraining and eval configs."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from crossflow.data.resumable import run_seed
 from crossflow.visualize import choose_pixels, frame_panels
 
 
@@ -20,7 +27,72 @@ class InitialCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0 and not trainer.fast_dev_run:
-            trainer.save_checkpoint(self.dirpath / "init.ckpt")
+            trainer.save_checkpoint(self.dirpath / "init.ckpt", weights_only=False)
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch (CPU and CUDA), NumPy and ``random`` from ``(seed, step, rank)``."""
+    value = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """``dirpath/last.ckpt`` every ``every_n_train_steps`` steps and when SIGTERM stops the run: the state that
+    ``--ckpt_path last`` continues from as if never stopped (weights, optimiser, loop progress, and the position of
+    the training loader, :class:`crossflow.data.resumable.ResumableLoader`). Written atomically (the CLI's
+    :class:`crossflow.checkpoints.SafeCheckpointIO`).
+
+    The random draws of each training step (dropout) come from generators seeded with (seed, global step, rank) as
+    the step starts, so they do not depend on what ran before it: a resumed run draws what the uninterrupted one drew.
+
+    SIGTERM (what SLURM sends before preempting or at the time limit): Lightning's handler lets the current step
+    finish and stops every DDP rank after the same step (``SIGTERMException``, exit status 0); this callback saves then:
+    at the step's end, in the epoch's validation, or at the epoch's end before Lightning marks the epoch done (a
+    checkpoint of the instant after, which Lightning would resume an epoch late, is not written).
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 1000):
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps,
+                         enable_version_counter=False)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        seed_step(run_seed(), trainer.global_step, trainer.global_rank)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.received_sigterm:  # saved here, where the interval's checkpoints are, rather than as Lightning stops
+            self.write_last(trainer, "SIGTERM")
+        else:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.received_sigterm:  # after the epoch's validation: saved before Lightning marks the epoch done
+            self.write_last(trainer, "SIGTERM")
+        else:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        epochs = trainer.fit_loop.epoch_progress.current
+        if epochs.completed < epochs.started:  # in the epoch's validation: not saved at a batch end yet
+            self.write_last(trainer, "SIGTERM")
+        elif self._last_global_step_saved != trainer.global_step:  # in the instant after the epoch-end hooks: Lightning
+            rank_zero_info(  # would resume a checkpoint saved now one epoch late, so the last one stands
+                f"SIGTERM between epochs: not saved; {self.last_model_path} holds step {self._last_global_step_saved}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write_last(trainer)  # the final state, whatever the interval
+
+    def write_last(self, trainer: L.Trainer, reason: str | None = None) -> None:
+        """Write ``last.ckpt`` unless this step is in it already (every rank calls this: DDP saves collectively)."""
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        if not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
+            trainer.save_checkpoint(path, weights_only=False)  # the whole training state, not only the weights
+            self._last_global_step_saved, self.last_model_path = trainer.global_step, str(path)
+            if reason:
+                rank_zero_info(f"{reason}: saved {path} at step {trainer.global_step}; continue with --ckpt_path last")
 
 
 class EmbeddingPanels(L.Callback):

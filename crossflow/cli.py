@@ -11,10 +11,13 @@ import argparse
 import os
 import sys
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from crossflow.checkpoints import LOAD_ERRORS, SafeCheckpointIO, load_error
 from crossflow.errors import UserInputError
+from crossflow.files import is_write_failure, write_error
 
 TOOLS = {
     "prepare": ("crossflow.data.prepare", "videos -> WebDataset shards of (frame, flow) pairs"),
@@ -35,8 +38,27 @@ class UploadConfigCallback(SaveConfigCallback):
                 logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
 
+class CrossflowCLI(LightningCLI):
+    """Lightning's CLI with crossflow's checkpoint files (:mod:`crossflow.checkpoints`): read with
+    ``weights_only=True`` (a file carrying code is refused with one line) and written atomically."""
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyper-parameters of `--ckpt_path FILE` here (weights_only=True), before any
+        # trainer exists; its refusal becomes our one-line error.
+        try:
+            super()._parse_ckpt_path()
+        except LOAD_ERRORS as error:
+            raise load_error(self.config[self.config.subcommand].get("ckpt_path"), error) from None
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a plug-in the config chose
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        return trainer
+
+
 def lightning_main(args: list[str] | None = None) -> None:
-    LightningCLI(
+    CrossflowCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=UploadConfigCallback,
@@ -63,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         except UserInputError as error:
             print(f"crossflow {argv[0]}: error: {error}", file=sys.stderr)
             return 2
+        except OSError as error:  # a full disk or a read-only output folder: one line, not a traceback
+            if not is_write_failure(error):
+                raise
+            print(f"crossflow {argv[0]}: error: {write_error(None, error)}", file=sys.stderr)
+            return 2
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: crossflow {fit,validate,test,predict} --config CONFIG.yaml [--key value ...]")
         print("       crossflow {" + ",".join(TOOLS) + "} ...")
@@ -73,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lightning_main(None if from_command_line else argv)
     except Exception as error:
-        cause = user_input_cause(error)
+        cause = user_input_cause(error) or (write_error(None, error) if is_write_failure(error) else None)
         if cause is None:
             raise
         print(f"crossflow {argv[0]}: error: {cause}", file=sys.stderr)

@@ -1,35 +1,49 @@
-"""`crossflow export CHECKPOINT OUT`: a pretraining checkpoint -> backbone file (BN folded, head dropped)."""
+"""`crossflow export CHECKPOINT OUT`: a pretraining checkpoint -> backbone file (BN folded, head dropped).
+
+Either kind of checkpoint, told apart by its content: self-supervised (:class:`CrossFlowPretraining`, the
+``source.objective`` of the backbone file is its objective) or supervised (:class:`SupervisedPretraining`,
+``configs/pretrain/supervised_demo.yaml``; ``source.objective`` is ``supervised``)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import torch
-
-from crossflow.errors import InvalidInputError, MissingInputError
+from crossflow.checkpoints import load_checkpoint
+from crossflow.errors import InvalidInputError
 from crossflow.models.backbone import save_backbone
 from crossflow.module import CrossFlowPretraining
+from crossflow.supervised import is_supervised_checkpoint, supervised_from_checkpoint
 
 
 def load_pretraining_checkpoint(path: str | Path) -> CrossFlowPretraining:
-    """A crossflow pretraining checkpoint -> the module in eval mode; a clear refusal for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for non-checkpoint files
-        raise InvalidInputError(f"{path} is not a crossflow pretraining checkpoint (torch.load failed: {error})") from None
-    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    """A crossflow pretraining checkpoint -> the module in eval mode; a clear refusal for anything else.
+
+    The file is read once, with ``weights_only=True`` (:func:`crossflow.checkpoints.load_checkpoint`), and the
+    module built from its plain hyper-parameters and its ``state_dict``."""
+    return pretraining_from_checkpoint(path, load_checkpoint(path, "crossflow pretraining checkpoint"))
+
+
+def pretraining_from_checkpoint(path: str | Path, checkpoint: dict) -> CrossFlowPretraining:
+    """The content of the self-supervised checkpoint at ``path`` -> the module in eval mode (else a one-line error)."""
+    state = checkpoint.get("state_dict", {})
     if "log_sigma2" not in state or not any(k.startswith("backbone.") for k in state):
         raise InvalidInputError(f"{path} is not a crossflow pretraining checkpoint (made by `crossflow fit --config configs/pretrain/...`)")
-    return CrossFlowPretraining.load_from_checkpoint(path, map_location="cpu").eval()
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}  # LightningCLI adds _class_path
+    module = CrossFlowPretraining(**hparams)
+    module.load_state_dict(state)
+    return module.eval()
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
-    module = load_pretraining_checkpoint(checkpoint)
-    source = {"checkpoint": str(checkpoint), "objective": module.hparams.objective, "taps": list(module.hparams.taps)}
+    content = load_checkpoint(checkpoint, "crossflow pretraining checkpoint")
+    if is_supervised_checkpoint(content):
+        module = supervised_from_checkpoint(content)
+        data = content.get("datamodule_hyper_parameters", {}).get("root")  # the labelled set it was trained on
+        source = {"checkpoint": str(checkpoint), "objective": "supervised", "num_classes": module.hparams.num_classes, "data": data}
+    else:
+        module = pretraining_from_checkpoint(checkpoint, content)
+        source = {"checkpoint": str(checkpoint), "objective": module.hparams.objective, "taps": list(module.hparams.taps)}
     return save_backbone(module.backbone, out, source=source)
 
 

@@ -8,7 +8,8 @@ lays them out as the paper does:
 
 A row is a backbone: ``random``, ``random-rescaled``, a torchvision ImageNet AlexNet ("Class
 Labels"), or an exported crossflow backbone, named by its pretraining objective (cross-pixel
-similarity = "Ours", flow classification = "Ours direct"). Several results for the same row and
+similarity = "Ours", flow classification = "Ours direct", ``supervised`` = the AlexNet trained with
+the synthetic world's class labels, :mod:`crossflow.supervised`). Several results for the same row and
 column (runs with other seeds) are shown as mean ± sample standard deviation (n). Where the
 runs used the real datasets (a dataset folder without the synthetic world's ``synth.json``),
 the paper's published rows are printed beside ours.
@@ -30,6 +31,7 @@ TABLE1 = (("voc07_cls", "mAP", "VOC07 Cls. mAP"), ("voc07_det", "mAP", "VOC07 De
 TABLE2 = tuple(("in1k_linear", f"top1_conv{i}", f"conv{i}") for i in range(1, 6))
 # Rows in the paper's order, with its label and supervision.
 ROWS = {
+    "supervised": ("Supervised (synthetic labels)", "Class Labels"),  # crossflow.supervised on the synthetic world: the demo's upper bound
     "class_labels": ("Class Labels (ImageNet AlexNet)", "Class Labels"),
     "random": ("Random", "-"),
     "random_rescaled": ("Random-rescaled (Kraehenbuehl et al.)", "-"),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from crossflow.checkpoints import load_checkpoint
 from crossflow.data.pairs import PairDataModule
 from crossflow.data.render import render_clip
 from crossflow.errors import MissingInputError
@@ -38,7 +39,7 @@ HELD_OUT_SEED = 1_000_000  # synthetic clip seeds from here on are never used by
 
 
 def datamodule_of(checkpoint: Path) -> PairDataModule:
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
+    hparams = load_checkpoint(checkpoint)["datamodule_hyper_parameters"]
     arguments = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI adds _class_path
     return PairDataModule(**{**arguments, "num_workers": 0})
 
@@ -127,7 +128,7 @@ def summarise(run_dir: Path, calibration_batches: int = 4, num_clips: int = 6, f
     summary = {
         "run": str(run_dir),
         "checkpoint": str(best_path),
-        "step": torch.load(best_path, map_location="cpu", weights_only=False)["global_step"],
+        "step": load_checkpoint(best_path)["global_step"],
         "backbone": str(run_dir / "backbone.pt"),
         "wandb_runs": sorted(str(p) for p in (run_dir / "wandb").glob("offline-run-*")),
         "objective": trained.hparams.objective,

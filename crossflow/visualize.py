@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.utils import draw_keypoints, flow_to_image, make_grid
 
+from crossflow.checkpoints import load_checkpoint
 from crossflow.data.pairs import Augmentation, PairShards, normalize_image, read_index
 from crossflow.data.prepare import (
     VIDEO_EXTENSIONS,
@@ -392,7 +393,7 @@ def file_names(frames: list[Frame]) -> list[str]:
 
 def data_settings(checkpoint: Path) -> dict:
     """The training data's crop size and eq. 6 M from a checkpoint (224 and 56 when it has no data module)."""
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters", {})
+    hparams = load_checkpoint(checkpoint).get("datamodule_hyper_parameters", {})
     return {"crop_size": int(hparams.get("crop_size", 224)), "max_magnitude": float(hparams.get("max_magnitude", 56.0))}
 
 

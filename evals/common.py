@@ -1,4 +1,5 @@
-"""What every transfer evaluation shares: the backbone argument, its rescaling, and the results file.
+"""What every transfer evaluation shares: the backbone argument, its rescaling, the data modules' loaders, and the
+results file.
 
 The backbone argument (``--model.init_args.backbone SPEC``) of every eval is one of
 
@@ -23,13 +24,15 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
+from crossflow.data.resumable import ResumableLoader, run_seed
 from crossflow.errors import InvalidInputError
 from crossflow.files import write_text_atomic
 from crossflow.models import load_backbone
 from crossflow.models.alexnet import CONV_LAYERS, AlexNet
 from crossflow.models.backbone import file_sha256, read_backbone_file
-from crossflow.models.rescale import data_dependent_rescale
+from crossflow.models.rescale import data_dependent_rescale, rescale_within_layers
 
 RANDOM_BACKBONE = "random"
 RESCALED_BACKBONE = "random-rescaled"
@@ -89,27 +92,71 @@ class BackboneProvenance:
                 )
 
 
+class EvalDataModule(L.LightningDataModule):
+    """The base of every eval's data module (its ``setup`` builds the datasets, its hyper-parameters include
+    ``num_workers``): the training loader that a checkpoint resumes mid-epoch and the plain evaluation loader."""
+
+    def train_loader(self, dataset: Dataset, batch_size: int, collate_fn=None) -> ResumableLoader:
+        """Shuffled full batches whose order and augmentation are a function of (seed, epoch, item)
+        (:class:`crossflow.data.resumable.ResumableLoader`): a resumed fit sees what an uninterrupted one saw."""
+        workers = self.hparams.num_workers
+        return ResumableLoader(dataset, batch_size, run_seed(), self.trainer, seed_items=True, drop_last=True,
+                               collate_fn=collate_fn, num_workers=workers, persistent_workers=workers > 0)
+
+    def eval_loader(self, dataset: Dataset, batch_size: int, collate_fn=None) -> DataLoader:
+        """Every item once, in order."""
+        return DataLoader(dataset, batch_size, collate_fn=collate_fn, num_workers=self.hparams.num_workers)
+
+
 def setup_backbone(module: L.LightningModule, network: AlexNet, stage: str) -> None:
     """Every eval's ``setup`` step: when fitting starts, note the backbone's identity (:class:`BackboneProvenance`)
-    and, with ``backbone: random-rescaled``, rescale ``network`` in place.
+    and rescale ``network`` in place where its layers were never trained:
+
+    - ``backbone: random-rescaled``: every layer, within-layer then between-layer (Kraehenbuehl et al.);
+    - a backbone file with ``untrained_layers`` (layers its pretraining never ran, e.g. fc6/fc7 of a 128 px
+      demo pretraining): those layers, within-layer (Algorithm 1: each channel's pre-activation standardised on
+      the images, the trained layers below them as they are), so that no row carries unscaled random layers;
+    - ``random`` and every trained layer: nothing.
 
     The images are :func:`training_images` of the datamodule's training set (``RESCALE_IMAGES`` of them, with
-    the eval's own augmentation and crop size, fixed by ``RESCALE_SEED``). The rescaling happens for no other spec or
+    the eval's own augmentation and crop size, fixed by ``RESCALE_SEED``). The rescaling happens at no other
     stage: at ``test`` (or when a fit resumes) the fitted weights come from the checkpoint, which Lightning
     loads after ``setup``. DDP ranks compute the same weights (and DDP broadcasts rank 0's anyway).
     """
+    spec = module.hparams.backbone
     if stage == "fit" and module.fitted_backbone is None and module.trainer.is_global_zero:  # rank 0 writes checkpoints
-        module.fitted_backbone = backbone_identity(module.hparams.backbone)
-    if stage != "fit" or module.hparams.backbone != RESCALED_BACKBONE:
+        module.fitted_backbone = backbone_identity(spec)
+    untrained = list(CONV_LAYERS) if spec == RESCALED_BACKBONE else file_untrained_layers(spec)
+    if stage != "fit" or not untrained:
         return
     datamodule = module.trainer.datamodule
     if datamodule is None:
-        raise InvalidInputError("backbone random-rescaled needs a datamodule: its training images fit the rescaling")
+        raise InvalidInputError(f"backbone {spec} needs a datamodule: its training images fit the rescaling of {', '.join(untrained)}")
     images = training_images(datamodule.train_dataloader().dataset, RESCALE_IMAGES, RESCALE_SEED)
-    layers = data_dependent_rescale(network, images, RESCALE_SEED)
-    unreached = [name for name in CONV_LAYERS if name not in layers]
+    layers = rescale_untrained_layers(network, spec, images)
+    how = "(Kraehenbuehl et al.)" if spec == RESCALED_BACKBONE else "within-layer, never trained by its pretraining"
+    unreached = [name for name in untrained if name not in layers]
     left = f"; {', '.join(unreached)} left at the random initialisation (the images are too small for them)" if unreached else ""
-    rank_zero_info(f"random-rescaled: {', '.join(layers)} rescaled (Kraehenbuehl et al.) on {len(images)} training images{left}")
+    rank_zero_info(f"{spec}: {', '.join(layers) or 'no layer'} rescaled {how} on {len(images)} training images{left}")
+
+
+def rescale_untrained_layers(network: AlexNet, spec: str | None, images: Sequence[Tensor]) -> list[str]:
+    """The rule of :func:`setup_backbone` on ``network`` in place, with ``images``: ``random-rescaled`` gets
+    Kraehenbuehl et al.'s within- and between-layer steps on every layer, a backbone file the within-layer step on
+    its ``untrained_layers``, anything else nothing. Returns the layers rescaled."""
+    if spec == RESCALED_BACKBONE:
+        return data_dependent_rescale(network, images, RESCALE_SEED)
+    untrained = file_untrained_layers(spec)
+    return rescale_within_layers(network, images, only=untrained) if untrained else []
+
+
+def file_untrained_layers(spec: str | None) -> list[str]:
+    """The ``untrained_layers`` a crossflow backbone file records (none for ``random``, torchvision files and files
+    exported before they were recorded)."""
+    if spec in (None, RANDOM_BACKBONE, RESCALED_BACKBONE):
+        return []
+    kind, content = read_backbone_file(spec)
+    return list(content.get("untrained_layers", [])) if kind == "crossflow" else []
 
 
 def training_images(dataset: Sequence, count: int, seed: int) -> list[Tensor]:

@@ -38,7 +38,7 @@ from torchvision.transforms import v2
 
 from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
-from evals.common import BackboneProvenance, backbone_from_spec, setup_backbone, write_results
+from evals.common import BackboneProvenance, EvalDataModule, backbone_from_spec, setup_backbone, write_results
 
 PROBE_TAPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 PROBE_VALUES = 9216  # about this many values per probed tap (pool5's 256 x 6 x 6)
@@ -102,7 +102,7 @@ class LabelledImageFolder(ImageFolder):
         return self.given_classes, {name: index for index, name in enumerate(self.given_classes)}
 
 
-class ImageNetData(L.LightningDataModule):
+class ImageNetData(EvalDataModule):
     """ImageNet-style folders: train/ with random crop + flip, val/ with a centre crop (used by validate and test).
 
     ``num_classes`` (after construction) is the number of class folders in train/.
@@ -143,13 +143,10 @@ class ImageNetData(L.LightningDataModule):
         self.val_set = LabelledImageFolder(self.root / "val", classes, self.val_transform)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, self.hparams.batch_size, shuffle=True, drop_last=True,
-            num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
-        )
+        return self.train_loader(self.train_set, self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.hparams.val_batch_size, num_workers=self.hparams.num_workers)
+        return self.eval_loader(self.val_set, self.hparams.val_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

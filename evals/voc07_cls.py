@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 from crossflow.errors import InvalidInputError
 from crossflow.models.alexnet import CONV_LAYERS
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
-from evals.common import BackboneProvenance, backbone_from_spec, setup_backbone, write_results
+from evals.common import BackboneProvenance, EvalDataModule, backbone_from_spec, setup_backbone, write_results
 from evals.metrics import VOCClassificationAP
 from evals.voc import VOC_CLASSES, classification_labels, parse_annotation, read_image_set, year_dir
 
@@ -99,7 +99,7 @@ class VOCClassificationDataset(Dataset):
         return TF.normalize(self.transform(pixels), IMAGE_MEAN, IMAGE_STD)
 
 
-class VOC07ClassificationData(L.LightningDataModule):
+class VOC07ClassificationData(EvalDataModule):
     """VOC2007 ``train_split`` (augmented crops) for fit, ``test_split`` (``test_crops`` crops per image) for test.
 
     ``root``: a folder holding ``VOCdevkit/VOC2007`` (or that folder itself).
@@ -130,13 +130,10 @@ class VOC07ClassificationData(L.LightningDataModule):
             self.test_set = VOCClassificationDataset(voc_dir, self.hparams.test_split, self.transform, self.hparams.test_crops)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, self.hparams.batch_size, shuffle=True, drop_last=True,
-            num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
-        )
+        return self.train_loader(self.train_set, self.hparams.batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, self.hparams.test_batch_size, num_workers=self.hparams.num_workers)
+        return self.eval_loader(self.test_set, self.hparams.test_batch_size)
 
 
 def sigmoid_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

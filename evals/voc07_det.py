@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
-from evals.common import BackboneProvenance, backbone_from_spec, setup_backbone, write_results
+from evals.common import BackboneProvenance, EvalDataModule, backbone_from_spec, setup_backbone, write_results
 from evals.det_metrics import VOCDetectionAP
 from evals.fast_rcnn import FastRCNN, detect, fast_rcnn_loss, sample_rois
 from evals.overlays import OverlayCollector, detection_comparison
@@ -95,7 +95,7 @@ def collate_detection(items: list[dict]) -> dict:
     return {"images": images, "items": [{k: v for k, v in item.items() if k != "image"} for item in items]}
 
 
-class VOC07DetectionData(L.LightningDataModule):
+class VOC07DetectionData(EvalDataModule):
     """VOC2007 ``train_split`` for fit, ``test_split`` for test, with cached proposals.
 
     ``root``: a folder holding ``VOCdevkit/VOC2007`` (or that folder itself).
@@ -154,14 +154,10 @@ class VOC07DetectionData(L.LightningDataModule):
             self.test_set = VOCDetectionDataset(self.voc_dir, self.annotations(h.test_split), store, [h.test_scale], h.test_max_size, False)
 
     def train_dataloader(self) -> DataLoader:
-        h = self.hparams
-        return DataLoader(
-            self.train_set, h.images_per_batch, shuffle=True, drop_last=True, collate_fn=collate_detection,
-            num_workers=h.num_workers, persistent_workers=h.num_workers > 0,
-        )
+        return self.train_loader(self.train_set, self.hparams.images_per_batch, collate_detection)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, self.hparams.test_batch_size, collate_fn=collate_detection, num_workers=self.hparams.num_workers)
+        return self.eval_loader(self.test_set, self.hparams.test_batch_size, collate_detection)
 
 
 class VOC07Detection(BackboneProvenance, L.LightningModule):

@@ -45,7 +45,7 @@ from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.models.alexnet import LAYERS
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
 from crossflow.models.hypercolumn import HypercolumnMLP, sparse_hypercolumn
-from evals.common import BackboneProvenance, backbone_from_spec, setup_backbone, write_results
+from evals.common import BackboneProvenance, EvalDataModule, backbone_from_spec, setup_backbone, write_results
 from evals.overlays import OverlayCollector, segmentation_comparison
 from evals.voc import VOC_CLASSES, VOID_LABEL, read_image_set, read_rgb, read_segmentation_mask, year_dir
 
@@ -230,7 +230,7 @@ class SegmentationEvalSet(Dataset):
         return normalised_image(image_path), torch.from_numpy(read_label(label_path)).long()
 
 
-class VOC12SegDataModule(L.LightningDataModule):
+class VOC12SegDataModule(EvalDataModule):
     """VOC2012 segmentation: train on ``train_split`` (augmented, sampled pixels), validate/test on ``val_split``.
 
     Args:
@@ -277,13 +277,10 @@ class VOC12SegDataModule(L.LightningDataModule):
         self.eval_set = SegmentationEvalSet(samples)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-            num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
-        )
+        return self.train_loader(self.train_set, self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.eval_set, batch_size=1, num_workers=self.hparams.num_workers)
+        return self.eval_loader(self.eval_set, 1)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

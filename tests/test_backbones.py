@@ -229,6 +229,30 @@ def test_fit_rescales_on_the_evals_training_images_and_test_keeps_the_fitted_wei
     assert record["backbone"] == "random-rescaled" and record["backbone_kind"] == "random-rescaled"
 
 
+def test_layers_a_pretraining_never_ran_are_recorded_and_rescaled_by_the_evals_like_random_rescaled(tiny_world, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(common, "RESCALE_IMAGES", 4)
+    network = AlexNet(batch_norm=True).train()
+    with torch.no_grad():
+        network(smooth_images(2, 128, 128), ("pool5",))  # a 128 px pretraining step: its BN of conv1..conv5 ran, fc6/fc7's not
+    path = save_backbone(network, tmp_path / "demo.pt")
+    assert torch.load(path, weights_only=True)["untrained_layers"] == ["fc6", "fc7"]
+    network(smooth_images(2, 224, 224), ("fc7",))
+    assert torch.load(save_backbone(network, tmp_path / "full.pt"), weights_only=True)["untrained_layers"] == []
+
+    exported = load_backbone(path).state_dict()
+    data = ImageNetData(str(tiny_world["imagenet"]), crop_size=224, resize_size=256, batch_size=4, val_batch_size=8, num_workers=0)
+    model = LinearProbe(backbone=str(path), num_classes=20)
+    L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(model, datamodule=data)
+    fitted = model.backbone.state_dict()
+    for name in CONV_LAYERS[:5]:  # the pretrained layers are the file's
+        assert torch.equal(fitted[f"layers.{name}.conv.weight"], exported[f"layers.{name}.conv.weight"]), name
+    images = training_images(data.train_set, 4, common.RESCALE_SEED)
+    for name, values in pre_activations(model.backbone, images, ("fc6", "fc7")).items():  # Algorithm 1 on the eval's images
+        assert not torch.equal(fitted[f"layers.{name}.conv.weight"], exported[f"layers.{name}.conv.weight"]), name
+        std = values.std(1, correction=0)
+        assert values.mean(1).abs().max() < 1e-3 * std.mean() and (std / std.mean() - 1).abs().max() < 1e-3, name
+
+
 def test_training_images_are_fixed_by_the_seed_and_leave_the_global_rng_alone():
     dataset = [(torch.rand(3, 4, 4) * torch.rand(()), i) for i in range(5)]
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from crossflow.data.resumable import ResumableLoader
 from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.files import write_text_atomic
 from crossflow.flow import FLOW_MEMBERS, decode_flow_member, normalize_flow
@@ -376,7 +377,7 @@ class PairDataModule(L.LightningDataModule):
         scale_range: short side = crop_size * s, s uniform in this range.
         max_magnitude: M of eq. 6 (paper: 56).
         num_workers: DataLoader worker processes.
-        seed: augmentation seed (with the epoch and the sample key).
+        seed: seed of the training order (with the epoch) and of the augmentation (with the epoch and the sample key).
     """
 
     def __init__(self, data_dir: str, crop_size: int = 224, batch_size: int = 96, num_points: int = 512,
@@ -396,9 +397,11 @@ class PairDataModule(L.LightningDataModule):
             self.val_set = PairShards(h.data_dir, "val", Augmentation(h.crop_size, train=False), h.num_points, h.max_magnitude, h.seed)
 
     def _loader(self, dataset: PairShards, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.hparams.num_workers, collate_fn=collate_skipping_failures,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+        settings = dict(num_workers=self.hparams.num_workers, collate_fn=collate_skipping_failures,
+                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+        if shuffle:  # training: a permutation per (seed, epoch) that a checkpoint resumes mid-epoch
+            return ResumableLoader(dataset, self.hparams.batch_size, self.hparams.seed, self.trainer, drop_last=True, **settings)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, **settings)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from crossflow.checkpoints import UnsafeFileError, load_error, save_atomic
 from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.models.alexnet import CONV_LAYERS, AlexNet
 
@@ -57,10 +58,19 @@ def fold_batch_norm(network: AlexNet) -> AlexNet:
     return folded.eval()
 
 
+def untrained_layers(network: AlexNet) -> list[str]:
+    """The conv/fc layers of a BN ``network`` whose batch norm never saw a training batch (``num_batches_tracked``
+    0): layers its training never ran (fc6/fc7 when the deepest tap is pool5 or the crops are under 193 px). They
+    hold their random initialisation, unscaled; the evals rescale them (:func:`evals.common.setup_backbone`)."""
+    if not network.batch_norm:
+        return []
+    return [name for name in CONV_LAYERS if int(network.layers[name].bn.num_batches_tracked) == 0]
+
+
 def save_backbone(network: AlexNet, path: str | os.PathLike, source: dict | None = None) -> Path:
-    """Fold BN and write the backbone file atomically; returns its path."""
+    """Fold BN and write the backbone file atomically (:func:`crossflow.checkpoints.save_atomic`); returns its path.
+    The record's ``untrained_layers`` lists :func:`untrained_layers` (none for a network without BN)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     folded = fold_batch_norm(network)
     record = {
         "format": BACKBONE_FORMAT,
@@ -70,12 +80,10 @@ def save_backbone(network: AlexNet, path: str | os.PathLike, source: dict | None
         "image_mean": IMAGE_MEAN,
         "image_std": IMAGE_STD,
         "source": source or {},
+        "untrained_layers": untrained_layers(network),
         "state_dict": folded.state_dict(),
     }
-    partial = path.with_name(path.name + ".partial")
-    torch.save(record, partial)
-    os.replace(partial, path)
-    return path
+    return save_atomic(record, path)
 
 
 def load_backbone(path: str | os.PathLike | None) -> AlexNet:
@@ -102,6 +110,8 @@ def read_backbone_file(path: str | os.PathLike) -> tuple[str, dict]:
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for files it cannot read
+        if isinstance(refusal := load_error(path, error, "backbone file"), UnsafeFileError):
+            raise refusal from None  # a file carrying code: say so, not "not a backbone file"
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]  # one line
         raise InvalidInputError(f"{path} is not a crossflow backbone file, nor a torchvision AlexNet state_dict: torch.load failed ({reason}); {FORMATS_HINT}") from None
     if isinstance(record, Mapping) and record.get("format") == BACKBONE_FORMAT:

@@ -50,7 +50,7 @@ their tables) and its empirical correction for non-homogeneous layers (LRN), whi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +78,9 @@ def data_dependent_rescale(network: AlexNet, images: Sequence[Tensor], seed: int
 
 
 @torch.no_grad()
-def rescale_within_layers(network: AlexNet, images: Sequence[Tensor]) -> list[str]:
-    """Algorithm 1 (module docstring) on ``network`` in place; returns the conv layers rescaled, in order."""
+def rescale_within_layers(network: AlexNet, images: Sequence[Tensor], only: Collection[str] | None = None) -> list[str]:
+    """Algorithm 1 (module docstring) on ``network`` in place; returns the conv layers rescaled, in order.
+    With ``only``, just those conv layers are rescaled; the others keep their weights and pass their outputs on."""
     if network.batch_norm:
         raise ValueError("data-dependent rescaling needs an AlexNet without batch norm (as load_backbone returns)")
     maps, rescaled = batches_by_size(images), []
@@ -92,6 +93,9 @@ def rescale_within_layers(network: AlexNet, images: Sequence[Tensor]) -> list[st
             maps = [network.layers[name](x) for x in maps]
             continue
         conv = network.conv(name)
+        if only is not None and name not in only:
+            maps = [network.layers[name](x) for x in maps]
+            continue
         pre = [conv(x) for x in maps]
         mean, std = channel_moments(pre)
         scale = torch.where(std > 0, 1 / std, torch.ones_like(std))
