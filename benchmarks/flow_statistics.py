@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from crossflow.files import write_text_atomic
-from crossflow.flow import decode_kitti_png_bytes, normalize_flow, read_flow
+from crossflow.flow import FLOW_MEMBERS, decode_flow_member, normalize_flow, read_flow
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -60,7 +60,13 @@ def read_pairs(pairs_dir: Path) -> list[tuple[dict, np.ndarray]]:
             for member in tar.getmembers():
                 key, _, field = member.name.partition(".")
                 samples.setdefault(key, {})[field] = tar.extractfile(member).read()
-    return [(json.loads(s["meta.json"]), decode_kitti_png_bytes(s["flow.png"])[0]) for _, s in sorted(samples.items())]
+    return [(json.loads(s["meta.json"]), np.ascontiguousarray(decode_flow_member(flow_member(s), s[flow_member(s)])[0]))
+            for _, s in sorted(samples.items())]
+
+
+def flow_member(sample: dict) -> str:
+    """The name of the flow member a sample holds (whichever ``--flow-format`` prepare wrote)."""
+    return next(name for name in FLOW_MEMBERS if name in sample)
 
 
 def dominant_residuals(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,8 @@ time to prepare 8 pairs from a 10-minute video and from a 30-second one, both en
 from a shared clip (H.264, keyframe interval 250), so cost is seen to follow pairs, not length.
 
     .venv/bin/python benchmarks/prepare_throughput.py   # ~5 min on one core; writes results/prepare_throughput.md
+    .venv/bin/python benchmarks/prepare_throughput.py --prepare-only --methods dis:preset=fast dis:preset=medium
+        # only the prepare throughput and decoding share of those rows, printed (nothing written)
 """
 
 from __future__ import annotations
@@ -39,13 +41,17 @@ LONG_SOURCE = "chaplin.mp4"  # looped into the 30-second and 10-minute videos
 METHODS = ("dis:preset=ultrafast", "dis:preset=fast", "dis:preset=medium", "farneback", "tvl1", "deepflow")
 
 
-def prepare_rate(method: str, frames_per_video: int, short_side: int, videos: Path = DATA / "video") -> tuple[int, float, float]:
-    """(pairs, wall seconds, CPU seconds) of one single-process ``prepare`` run over ``videos``."""
+def prepare_rate(
+    method: str, frames_per_video: int, short_side: int, videos: Path = DATA / "video", flow_format: str | None = None
+) -> tuple[int, float, float]:
+    """(pairs, wall seconds, CPU seconds) of one single-process ``prepare`` run over ``videos``
+    (``flow_format``: prepare's --flow-format, None for its default)."""
     parser = argparse.ArgumentParser()
     prepare.add_arguments(parser)
     with tempfile.TemporaryDirectory() as out:
         argv = [str(videos), "--out", out, "--method", method, "--val-fraction", "0", "--workers", "1",
                 "--frames-per-video", str(frames_per_video), "--short-side", str(short_side)]  # fmt: skip
+        argv += ["--flow-format", flow_format] if flow_format else []
         start, cpu = time.perf_counter(), time.process_time()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             status = prepare.run(parser.parse_args(argv))
@@ -166,15 +172,24 @@ def main() -> None:
     parser.add_argument("--short-side", type=int, default=256)
     parser.add_argument("--synthetic-clips", type=int, default=2, help="rendered clips (3 pairs each)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prepare_throughput.md")
+    parser.add_argument("--flow-format", default=None, help="prepare's --flow-format (default: prepare's default)")
+    parser.add_argument("--prepare-only", action="store_true", help="print only prepare's rates and decoding share; write nothing")
     args = parser.parse_args()
     if not (DATA / "video").is_dir():
         raise SystemExit(f"real data not found at {DATA}: this benchmark needs ../shared/data (see its README)")
     cv2.setNumThreads(1)  # per-core figures
+    if args.prepare_only:
+        for method in args.methods:
+            with decode_timer() as decoding:
+                pairs, seconds, cpu = prepare_rate(method, args.frames_per_video, args.short_side, flow_format=args.flow_format)
+            print(f"{method}: {pairs / cpu:.2f} pairs per CPU-s, {pairs / seconds:.2f} pairs/s wall "
+                  f"({pairs} pairs, {cpu:.2f} CPU-s, {decoding[0] / cpu:.0%} decoding)", flush=True)  # fmt: skip
+        return
     middlebury, synthetic = middlebury_pairs(), synthetic_pairs(args.synthetic_clips, args.short_side)
     rows = []
     for method in args.methods:
         with decode_timer() as decoding:
-            pairs, seconds, cpu = prepare_rate(method, args.frames_per_video, args.short_side)
+            pairs, seconds, cpu = prepare_rate(method, args.frames_per_video, args.short_side, flow_format=args.flow_format)
         row = {"method": method, "rate": pairs / cpu, "wall_rate": pairs / seconds, "decode_share": decoding[0] / cpu}
         errors, row["ms"] = epes(method, middlebury)
         row["middlebury"], row["rubberwhale"] = np.mean(errors), errors[SEQUENCES.index("RubberWhale")]
@@ -187,7 +202,8 @@ def main() -> None:
     notes = [
         f"Machine: {cpu_name()}, OpenCV {cv2.__version__}, PyAV {av.__version__}, one process, one OpenCV and one decoder thread.",
         f"Prepare: the 7 real clips in shared/data/video, {args.frames_per_video} pairs per clip, short side "
-        f"{args.short_side}, gap 5; frame counts from a packet scan, frames by seeking (crossflow.data.video).",
+        f"{args.short_side}, gap 5, flow member {args.flow_format or 'of prepare default'}; frame counts from a packet "
+        "scan, frames by seeking (crossflow.data.video).",
         "Decoding share (packet scan + decoding, of prepare's CPU time): "
         + ", ".join(f"{row['method']} {row['decode_share']:.0%}" for row in rows) + ".",
     ]

@@ -21,6 +21,7 @@ from crossflow.files import is_write_failure, write_error
 
 TOOLS = {
     "prepare": ("crossflow.data.prepare", "videos -> WebDataset shards of (frame, flow) pairs"),
+    "convert-pairs": ("crossflow.data.convert", "prepared pairs -> the same pairs with their flow in another --flow-format"),
     "synth": ("crossflow.data.synthetic", "generate the synthetic world (videos, VOC, ImageFolder)"),
     "export": ("crossflow.export", "checkpoint -> backbone file with batch norm folded"),
     "summary": ("crossflow.summary", "a pretraining run's summary: losses, sigma^2, object-grouping AUC"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -102,10 +103,24 @@ class LabelledImageFolder(ImageFolder):
         return self.given_classes, {name: index for index, name in enumerate(self.given_classes)}
 
 
+def keep_first_per_class(folder: ImageFolder, count: int) -> None:
+    """Truncate ``folder`` in place to the first ``count`` samples (ImageFolder's sorted order) of each class."""
+    if count < 1:
+        raise InvalidInputError(f"train_per_class must be at least 1 (got {count}); leave it unset to train on every image")
+    kept, taken = [], Counter()
+    for path, target in folder.samples:
+        taken[target] += 1
+        if taken[target] <= count:
+            kept.append((path, target))
+    folder.samples = folder.imgs = kept
+    folder.targets = [target for _, target in kept]
+
+
 class ImageNetData(EvalDataModule):
     """ImageNet-style folders: train/ with random crop + flip, val/ with a centre crop (used by validate and test).
 
-    ``num_classes`` (after construction) is the number of class folders in train/.
+    ``num_classes`` (after construction) is the number of class folders in train/. ``train_per_class``: train on
+    only the first N images (sorted file names) of each class, a low-shot probe (None: all; the paper's protocol).
     """
 
     def __init__(
@@ -116,6 +131,7 @@ class ImageNetData(EvalDataModule):
         batch_size: int = 256,
         val_batch_size: int = 256,
         num_workers: int = 8,
+        train_per_class: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -139,6 +155,8 @@ class ImageNetData(EvalDataModule):
         classes = self.classes
         if stage == "fit":
             self.train_set = LabelledImageFolder(self.root / "train", classes, self.train_transform)
+            if self.hparams.train_per_class is not None:
+                keep_first_per_class(self.train_set, self.hparams.train_per_class)
         check_class_folders(self.root / "val")
         self.val_set = LabelledImageFolder(self.root / "val", classes, self.val_transform)
 

@@ -151,3 +151,14 @@ def test_demo_config_end_to_end(synthetic_imagenet, tmp_path, monkeypatch):
     assert results["benchmark"] == "in1k_linear" and set(results["metrics"]) == {f"top1_{tap}" for tap in PROBE_TAPS}
     assert all(0 <= value <= 1 for value in results["metrics"].values())
     assert results["config"]["model"]["num_classes"] == 20
+
+
+def test_train_per_class_keeps_the_first_images_of_each_class_and_all_of_val(synthetic_imagenet):
+    data = ImageNetData(root=str(synthetic_imagenet), num_workers=0, train_per_class=2)
+    data.setup("fit")
+    names = sorted(entry.name for entry in os.scandir(synthetic_imagenet / "train"))
+    expected = [(str(synthetic_imagenet / "train" / name / f"{name}_{i:05d}.JPEG"), label) for label, name in enumerate(names) for i in range(2)]
+    assert data.train_set.samples == expected and data.train_set.targets == [label for _, label in expected]
+    assert len(data.train_set) == 40 and len(data.val_set) == 40  # 20 classes x 2 of 3 train images; val untouched
+    with pytest.raises(ValueError, match="train_per_class must be at least 1"):
+        ImageNetData(root=str(synthetic_imagenet), num_workers=0, train_per_class=0).setup("fit")

@@ -181,7 +181,7 @@ def pairs_with_failures(tiny_pairs: Path, out: Path, splits=("train",)) -> Path:
     with tarfile.open(shard) as tar:
         first_key = tar.getnames()[0].split(".")[0]
         good = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.startswith(first_key + ".")}
-    assert set(good) == {"frame.jpg", "flow.png", "meta.json"}
+    assert set(good) == {"frame.jpg", "flow.u8.lz4", "meta.json"}  # prepare's default --flow-format
     (out / "train").mkdir(parents=True)
     with wds.TarWriter(str(out / "train" / "shard-000000.tar"), encoder=False) as writer:
         writer.write({"__key__": "a_good", **good})

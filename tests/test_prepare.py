@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 
 from crossflow.data import prepare
-from crossflow.flow import decode_kitti_png_bytes, estimate_flow
+from crossflow.flow import FLOW_FORMATS, decode_flow_member, estimate_flow, normalize_flow, u8_error_bound
 
 from .conftest import SHARED_DATA
 
@@ -100,7 +100,7 @@ def baseline(videos, tmp_path_factory):
 
 def test_counts_and_skip_reasons(baseline, capsys):
     index = json.loads((baseline / "index.json").read_text())
-    assert index["format"] == "crossflow-pairs" and index["format_version"] == 3
+    assert index["format"] == "crossflow-pairs" and index["format_version"] == 4
     counts = index["counts"]
     assert (counts["videos"], counts["videos_ok"], counts["videos_skipped"]) == (11, 5, 6)
     assert counts["pairs"] == index["splits"]["train"]["num_samples"] + index["splits"]["val"]["num_samples"]
@@ -135,7 +135,8 @@ def test_samples_hold_the_frame_its_flow_and_meta(baseline):
             assert meta["video_id"] == prepare.video_id(meta["name"]) and meta["estimator"] == method
             assert meta["gap"] == 5 and meta["t"] + 5 < meta["num_frames"] and meta["fps"] > 0
             frame = cv2.imdecode(np.frombuffer(sample["frame.jpg"], np.uint8), cv2.IMREAD_COLOR)
-            flow, valid = decode_kitti_png_bytes(sample["flow.png"])
+            assert meta["flow_format"] == "u8-lz4" and "flow.png" not in sample  # the default --flow-format
+            flow, valid = decode_flow_member(FLOW_FORMATS["u8-lz4"], sample["flow.u8.lz4"])
             assert min(frame.shape[:2]) == 64 and list(frame.shape[1::-1]) == meta["stored_size"]
             assert flow.shape == frame.shape[:2] + (2,) and valid.all()
 
@@ -153,7 +154,23 @@ def test_stored_frame_is_rgb_correct_and_flow_is_at_stored_resolution(baseline):
     assert np.abs(stored.astype(int) - first[..., ::-1]).mean() > 3 * np.abs(stored.astype(int) - first).mean()
     rgb = [cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in (first, second)]
     expected = estimate_flow(*rgb, meta["estimator"], **meta["estimator_params"])
-    assert np.abs(decode_kitti_png_bytes(sample["flow.png"])[0] - expected).max() <= 1 / 128 + 1e-6
+    # u8-lz4 (the default): within half a quantisation level of g = sign(f) log(1 + |f|), in eq. 6 units
+    stored_flow = decode_flow_member("flow.u8.lz4", sample["flow.u8.lz4"])[0]
+    error = np.abs(normalize_flow(stored_flow) - normalize_flow(expected)).max()
+    assert error <= u8_error_bound(sample["flow.u8.lz4"], max_vector_scale=1.0) + 1e-6 and error < 0.006  # sigma / 10
+
+
+@pytest.mark.parametrize("flow_format", ["kitti-png", "i16-zstd"])
+def test_lossless_flow_formats_store_the_estimate_at_one_64th_px(videos, tmp_path, flow_format):
+    assert run_prepare(videos / "carphone_pristine.mp4", "--out", tmp_path, *OPTIONS, "--val-fraction", "0", "--flow-format", flow_format) == 0
+    for sample in samples(tmp_path, "train"):
+        meta = json.loads(sample["meta.json"])
+        assert meta["flow_format"] == flow_format
+        frames = opencv_sequential_frames(meta["source"], meta["t"] + meta["gap"])
+        rgb = [cv2.cvtColor(prepare.resize_short_side(frames[i], 64), cv2.COLOR_BGR2RGB) for i in (meta["t"], meta["t"] + meta["gap"])]
+        expected = estimate_flow(*rgb, meta["estimator"], **meta["estimator_params"])
+        stored = decode_flow_member(FLOW_FORMATS[flow_format], sample[FLOW_FORMATS[flow_format]])[0]
+        assert np.abs(stored - expected).max() <= 1 / 128 + 1e-6
 
 
 def test_split_is_by_video(baseline, videos):

@@ -1,7 +1,8 @@
 """Shards of (frame, flow) pairs -> augmented training batches: the pretraining DataModule.
 
 Reads the layout `crossflow prepare` writes (``DIR/index.json`` and WebDataset tars whose
-samples hold ``<key>.frame.jpg``, ``<key>.flow.png`` (KITTI 16-bit), ``<key>.meta.json``).
+samples hold ``<key>.frame.jpg``, the flow in one of :data:`crossflow.flow.FLOW_MEMBERS` (``<key>.flow.u8.lz4``,
+``.flow.i16.zst`` or ``.flow.png``, KITTI 16-bit: prepare's ``--flow-format``), ``<key>.meta.json``).
 The tars are read by random access through an index of member offsets rather than as
 a stream: that gives exact epochs under DDP (Lightning's DistributedSampler), validation
 seen exactly once, and augmentation that is a pure function of (seed, epoch, sample) so a

@@ -3,8 +3,10 @@
 Layout of ``DIR``::
 
     settings.json                 the options that shape the output, and how many shards each split has
-    {train,val}/shard-NNNNNN.tar  samples <key>.frame.jpg (RGB), .flow.png (KITTI 16-bit, t -> t+gap,
-                                  pixels of the stored frame), .meta.json; key = <video-id>_<t:06d>
+    {train,val}/shard-NNNNNN.tar  samples <key>.frame.jpg (RGB), the flow t -> t+gap in pixels of the stored
+                                  frame as the member of --flow-format (.flow.u8.lz4, .flow.i16.zst or
+                                  .flow.png, see crossflow.flow.FLOW_FORMATS), .meta.json (its "flow_format"
+                                  names it); key = <video-id>_<t:06d>
     {train,val}/shard-NNNNNN.tar.members.json   the shard's member offsets (see crossflow.data.pairs)
     records/{split}-NNNNNN.json   written right after its shard: marks that shard done
     skipped.jsonl                 skipped videos and pairs, with reasons
@@ -46,13 +48,24 @@ from crossflow.data.pairs import write_member_index
 from crossflow.data.video import PacketIndex, VideoUnreadable, read_frames, scan_packets
 from crossflow.errors import UserInputError
 from crossflow.files import write_text_atomic
-from crossflow.flow import FLOW_METHODS, encode_kitti_png_bytes, estimate_flow, resolve_flow_params
+from crossflow.flow import FLOW_FORMATS, FLOW_METHODS, encode_flow_member, estimate_flow, resolve_flow_params
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ogv")
 SPLITS = ("train", "val")
 # 2: video ids hash names relative to the video root; 3: meta.json gains "decode" (seek or sequential,
-# see crossflow.data.video); frames, flow and every other field are the same bytes as in version 2
-FORMAT, FORMAT_VERSION = "crossflow-pairs", 3
+# see crossflow.data.video); frames, flow and every other field are the same bytes as in version 2;
+# 4: meta.json gains "flow_format" and the flow member is --flow-format's (a version 3 folder is kitti-png); AVI
+#    clips are read by seeking (their "decode" is "seek"; frames and flow the same bytes as the sequential pass)
+FORMAT, FORMAT_VERSION = "crossflow-pairs", 4
+# The default: the one of FLOW_FORMATS made for the loader's decode rate (issue 13); lossy, within sigma/10 of the
+# loss's units (paper's sigma^2 = 0.0036) wherever |flow| <= 60 px: crossflow.flow.u8_error_bound.
+DEFAULT_FLOW_FORMAT = "u8-lz4"
+FLOW_FORMAT_HELP = (
+    "the flow member: u8-lz4 (default; flow.u8.lz4: per image and component 256 log-spaced levels, LZ4; made to "
+    "decode fastest; lossy: within sigma/10 of the loss's eq. 6 units where |flow| <= 60 px), i16-zstd (flow.i16.zst: "
+    "the PNG's 1/64 px values, row deltas, zstd; lossless, about 45%% smaller than the PNG) or kitti-png (flow.png: "
+    "KITTI 16-bit, as the paper stored it; slowest to decode)"
+)
 JPEG_QUALITY = 95
 MIN_FRAME_STD = 2.0  # grey levels: a flatter frame (black, blank, deep fade) gives no usable flow
 VIDEO_LIST_KEYS = ("inputs", "num_videos", "videos_sha256")  # settings compared as one "video list"
@@ -185,6 +198,7 @@ class VideoJob:
     gap: int
     short_side: int
     seed: int
+    flow_format: str
 
 
 @dataclass
@@ -229,7 +243,7 @@ def _process_video(job: VideoJob) -> VideoResult:
         if any(map(_is_flat, pair)):
             result.skipped_pairs.append({"t": t, "reason": f"near-constant frame (grey std < {MIN_FRAME_STD})"})
             continue
-        meta = _meta(job, t, fps, num_frames, frames[t].shape, pair[0].shape) | {"decode": decode}
+        meta = _meta(job, t, fps, num_frames, frames[t].shape, pair[0].shape) | {"decode": decode, "flow_format": job.flow_format}
         result.samples.append(make_sample(pair[0], pair[1], job.method, job.params, meta))
     if not result.samples:
         reasons = sorted({entry["reason"] for entry in result.skipped_pairs})
@@ -280,15 +294,16 @@ def _meta(job: VideoJob, t: int, fps: float, num_frames: int, original: tuple, s
 
 
 def make_sample(frame0: np.ndarray, frame1: np.ndarray, method: str, params: dict, meta: dict) -> dict:
-    """WebDataset sample of BGR frames ``[H, W, 3]``: JPEG of frame0, KITTI PNG of flow 0 -> 1, meta."""
+    """WebDataset sample of BGR frames ``[H, W, 3]``: JPEG of frame0, flow 0 -> 1 in ``meta["flow_format"]``, meta."""
     flow = estimate_flow(cv2.cvtColor(frame0, cv2.COLOR_BGR2RGB), cv2.cvtColor(frame1, cv2.COLOR_BGR2RGB), method, **params)
     ok, jpeg = cv2.imencode(".jpg", frame0, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
         raise ValueError("could not encode the frame as JPEG")
+    flow_member, flow_bytes = encode_flow_member(flow, None, meta["flow_format"])
     return {
         "__key__": f"{meta['video_id']}_{meta['t']:06d}",
         "frame.jpg": jpeg.tobytes(),
-        "flow.png": encode_kitti_png_bytes(flow),
+        flow_member: flow_bytes,
         "meta.json": json.dumps(meta, sort_keys=True).encode(),
     }
 
@@ -339,11 +354,13 @@ def _video_results(jobs: list[VideoJob], workers: int) -> Iterator[Iterator[Vide
 # Writing
 
 
-def _write_json(path: Path, data) -> None:
+def write_json(path: Path, data) -> None:
+    """``data`` as indented, key-sorted JSON onto ``path``, atomically."""
     write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """The JSON in ``path``, or None when it is missing or damaged."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -374,7 +391,7 @@ def write_group(out: Path, group: Group, results: Iterable[VideoResult], on_vide
         partial.unlink()
     shard_path = group.shard if num_samples else None
     record = {"shard": shard_path, "num_samples": num_samples, "videos": videos, "skipped": skipped}
-    _write_json(out / group.record, record)
+    write_json(out / group.record, record)
     return record
 
 
@@ -385,15 +402,17 @@ def _skip_entries(result: VideoResult, split: str) -> list[dict]:
     return [{**base, **entry} for entry in result.skipped_pairs]
 
 
-def _is_done(out: Path, group: Group) -> bool:
-    record = _read_json(out / group.record)
+def is_done(out: Path, group: Group) -> bool:
+    """Whether ``group``'s record is written and its shard (if it has one) is there."""
+    record = read_json(out / group.record)
     return record is not None and (record["shard"] is None or (out / record["shard"]).is_file())
 
 
 # Index
 
 
-def _groups_of(plan: dict) -> list[Group]:
+def groups_of(plan: dict) -> list[Group]:
+    """The groups (split, index; no videos) that a settings.json ``plan`` counts."""
     return [Group(split, index) for split in SPLITS for index in range(plan["groups"][split])]
 
 
@@ -402,11 +421,11 @@ def finalize(out: Path) -> dict | None:
 
     Returns None while groups are missing; raises PrepareError when no pair was written.
     """
-    plan = _read_json(out / "settings.json")
-    groups = _groups_of(plan)
-    if not all(_is_done(out, group) for group in groups):
+    plan = read_json(out / "settings.json")
+    groups = groups_of(plan)
+    if not all(is_done(out, group) for group in groups):
         return None
-    records = [(group, _read_json(out / group.record)) for group in groups]
+    records = [(group, read_json(out / group.record)) for group in groups]
     skipped = [json.dumps(entry, sort_keys=True) + "\n" for _, record in records for entry in record["skipped"]]
     write_text_atomic(out / "skipped.jsonl", "".join(skipped))
     index = _index(plan, records)
@@ -414,7 +433,7 @@ def finalize(out: Path) -> dict | None:
         raise PrepareError(
             f"no pairs written: all {index['counts']['videos']} videos were skipped; reasons in {out / 'skipped.jsonl'}"
         )
-    _write_json(out / "index.json", index)
+    write_json(out / "index.json", index)
     return index
 
 
@@ -427,7 +446,7 @@ def _index(plan: dict, records: list[tuple[Group, dict]]) -> dict:
     videos_ok = sum(video["pairs"] > 0 for video in videos)
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": plan["settings"]["format_version"],  # the folder's (an older one merged keeps its own)
         "settings": plan["settings"],
         "splits": splits,
         "counts": {
@@ -484,16 +503,28 @@ def make_settings(args: argparse.Namespace, videos: list[str]) -> dict:
         "val_fraction": args.val_fraction,
         "seed": args.seed,
         "shard_size": args.shard_size,
+        "flow_format": args.flow_format,
     }
 
 
+def flow_format_of(settings: dict) -> str:
+    """The flow format of a folder's settings (``kitti-png`` for folders of format version 3 and older)."""
+    return settings.get("flow_format", "kitti-png")
+
+
 def _check_or_write_plan(out: Path, settings: dict, groups: list[Group]) -> None:
-    old = _read_json(out / "settings.json")
+    old = read_json(out / "settings.json")
     if old is None:
         counts = {split: sum(group.split == split for group in groups) for split in SPLITS}
-        _write_json(out / "settings.json", {"format": FORMAT, "settings": settings, "groups": counts})
+        write_json(out / "settings.json", {"format": FORMAT, "settings": settings, "groups": counts})
         return
     before = old["settings"]
+    if before.get("format_version") == settings["format_version"] and flow_format_of(before) != settings["flow_format"]:
+        raise PrepareError(
+            f"{out} holds {flow_format_of(before)} flow, not {settings['flow_format']}: resume it with --flow-format "
+            f"{flow_format_of(before)}, use a new --out, or convert it when finished (crossflow convert-pairs {out} --out NEW "
+            f"--flow-format {settings['flow_format']})"
+        )
     changed = [
         f"{key} {before.get(key)} -> {value}"
         for key, value in settings.items()
@@ -507,7 +538,8 @@ def _check_or_write_plan(out: Path, settings: dict, groups: list[Group]) -> None
         )
 
 
-def _available_cores() -> int:
+def available_cores() -> int:
+    """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -527,9 +559,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"flow estimator, one of {', '.join(FLOW_METHODS)}, with options, e.g. dis:preset=fast (default dis = dis:preset=medium)",
     )
     parser.add_argument("--val-method", default=None, metavar="NAME[:K=V,...]", help="estimator for val videos (default: --method)")
+    parser.add_argument("--flow-format", choices=list(FLOW_FORMATS), default=DEFAULT_FLOW_FORMAT, help=FLOW_FORMAT_HELP)
     parser.add_argument("--val-fraction", type=float, metavar="F", default=0.05, help="fraction of videos in val (default 0.05)")
     parser.add_argument("--shard-size", type=int, metavar="N", default=1000, help="about this many samples per shard (default 1000)")
-    parser.add_argument("--workers", type=int, metavar="N", default=_available_cores(), help="processes (default: all cores)")
+    parser.add_argument("--workers", type=int, metavar="N", default=available_cores(), help="processes (default: all cores)")
     parser.add_argument("--seed", type=int, metavar="S", default=0, help="fixes frames and split (default 0)")
     parser.add_argument(
         "--num-tasks", type=int, metavar="T", default=_env_int("SLURM_ARRAY_TASK_COUNT", 1),
@@ -580,7 +613,7 @@ def _prepare(args: argparse.Namespace) -> int:
     groups = plan_groups(splits, max(1, round(args.shard_size / args.frames_per_video)))
     args.out.mkdir(parents=True, exist_ok=True)
     _check_or_write_plan(args.out, settings, groups)
-    todo = [group for group in groups[args.task_index :: args.num_tasks] if not _is_done(args.out, group)]
+    todo = [group for group in groups[args.task_index :: args.num_tasks] if not is_done(args.out, group)]
     pairs = _process_groups(args.out, todo, names, settings, args.workers, f"prepare {args.task_index + 1}/{args.num_tasks}")
     elapsed = time.perf_counter() - start
     print(f"this run: {pairs} pairs from {sum(len(g.videos) for g in todo)} videos in {elapsed:.1f} s ({pairs / elapsed:.2f} pairs/s)")
@@ -609,18 +642,18 @@ def _job(path: str, name: str, split: str, settings: dict) -> VideoJob:
     prefix = "val_" if split == "val" else ""
     return VideoJob(
         path, name, split, settings[prefix + "method"], settings[prefix + "method_params"],
-        settings["frames_per_video"], settings["gap"], settings["short_side"], settings["seed"],
+        settings["frames_per_video"], settings["gap"], settings["short_side"], settings["seed"], settings["flow_format"],
     )
 
 
 def _merge(out: Path, waiting_ok: bool = False) -> int:
-    plan = _read_json(out / "settings.json")
+    plan = read_json(out / "settings.json")
     if plan is None:
         raise PrepareError(f"{out} holds no settings.json: nothing to merge; run prepare with INPUTs first")
     index = finalize(out)
     if index is None:
-        missing = [g.name for g in _groups_of(plan) if not _is_done(out, g)]
-        message = f"{len(missing)} of {len(_groups_of(plan))} shards not done yet (e.g. {missing[0]})"
+        missing = [g.name for g in groups_of(plan) if not is_done(out, g)]
+        message = f"{len(missing)} of {len(groups_of(plan))} shards not done yet (e.g. {missing[0]})"
         if waiting_ok:
             print(f"{message}: the last task to finish writes index.json, or run again with --merge")
             return 0

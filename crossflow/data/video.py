@@ -9,10 +9,13 @@ Frame ``i`` is the ``i``-th frame in presentation order, as a sequential decode 
    decoded, it seeks to the keyframe at or before it and decodes forward, taking every target on
    the way; a target in the group of pictures already being decoded is reached without a seek;
    non-reference frames that are not targets are not decoded (H.264, MPEG-4 Part 2).
-3. Where seeking cannot be verified (packets without pts, duplicate pts, stamps in decode order as
-   in AVI, a first frame after the seek that is past the target or not a keyframe, decoded pts
-   that do not increase), it decodes once from the start instead: ``mode`` says
-   which way the frames were read.
+3. Containers whose stamps follow decode order (AVI) are indexed by packet: a seek to a keyframe
+   that cuts the stream cleanly (an H.264 IDR, an MPEG-4 Part 2 I-VOP, any MJPEG frame), by its
+   dts as stored, then counting the frames decoded from it (:func:`_read_by_decode_order`).
+4. Where seeking cannot be verified (packets without pts, duplicate pts, a first frame after the
+   seek that is past the target or not the keyframe expected, decoded pts that do not increase, a
+   frame lost or foreign after a seek in decode order, another codec in decode order), it decodes
+   once from the start instead: ``mode`` says which way the frames were read.
 
 Own code rather than OpenCV's ``CAP_PROP_POS_FRAMES`` or decord: those are not frame-exact
 (opencv/opencv#9053, dmlc/decord#365); PyAV exposes packets, timestamps and seeks directly.
@@ -20,6 +23,7 @@ Own code rather than OpenCV's ``CAP_PROP_POS_FRAMES`` or decord: those are not f
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -36,12 +40,16 @@ class VideoUnreadable(Exception):
 @dataclass(frozen=True)
 class PacketIndex:
     """What a packet scan finds: ``pts[i]`` of frame i in presentation order (None where the
-    container gives no usable timestamps) and the keyframes' pts (sorted)."""
+    container gives no usable timestamps) and the keyframes' pts (sorted); for stamps in decode
+    order (AVI), ``decode_pts[j]`` of packet j in decode order and ``cuts``, the (packet j, dts) of
+    the keyframes that cut the stream cleanly (None and () where that path is not verifiable)."""
 
     num_frames: int
     fps: float
     pts: tuple[int, ...] | None
     keyframes: tuple[int, ...]
+    decode_pts: tuple[int, ...] | None = None
+    cuts: tuple[tuple[int, int], ...] = ()
 
 
 def _open(path: str) -> av.container.InputContainer:
@@ -63,27 +71,98 @@ def scan_packets(path: str) -> PacketIndex:
     try:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0)
-        pts, keyframes, missing = [], [], False
+        is_cut = _clean_cut_test(stream)
+        pts, keyframes, cuts, missing = [], [], [], False
+        pending = None  # (packet j, dts, bytes) of a keyframe whose test needs the packet after it
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:  # flush packet
                     continue
                 if packet.pts is None:
                     missing = True
-                else:
-                    pts.append(packet.pts)
-                    if packet.is_keyframe:
-                        keyframes.append(packet.pts)
+                    continue
+                data = bytes(packet) if is_cut is not None and (packet.is_keyframe or pending) else b""
+                if pending is not None:
+                    cuts += [pending[:2]] if is_cut(pending[2], data) else []
+                    pending = None
+                if packet.is_keyframe:
+                    keyframes.append(packet.pts)
+                    if is_cut is not None and packet.dts is not None:
+                        pending = (len(pts), packet.dts, data)
+                pts.append(packet.pts)
         except av.error.FFmpegError:
             pass  # a damaged tail: the frames before it still count
+        if pending is not None and is_cut(pending[2], b""):
+            cuts.append(pending[:2])
         num_frames = len(pts) if not missing else sum(1 for _ in _decode_all(path))
         # AVI stamps follow decode order, not presentation: a stream that may reorder frames (B-frames)
         # yet whose stamps never go back cannot be indexed by pts either
         decode_order = "avi" in container.format.name or (stream.codec_context.has_b_frames and pts == sorted(pts))
-        usable = not missing and not decode_order and len(set(pts)) == len(pts) and bool(keyframes)
-        return PacketIndex(num_frames, fps, tuple(sorted(pts)) if usable else None, tuple(sorted(keyframes)))
+        distinct = not missing and len(set(pts)) == len(pts)
+        usable = distinct and not decode_order and bool(keyframes)
+        by_packet = distinct and decode_order and bool(cuts)
+        return PacketIndex(
+            num_frames, fps, tuple(sorted(pts)) if usable else None, tuple(sorted(keyframes)),
+            tuple(pts) if by_packet else None, tuple(cuts) if by_packet else (),
+        )  # fmt: skip
     finally:
         container.close()
+
+
+def _clean_cut_test(stream):
+    """For a codec where it can be told from a keyframe packet (and the packet after it), a test
+    ``(bytes, next bytes) -> bool`` of whether decoding from that packet gives the frames of a
+    decode from the start, from that frame on; else None.
+
+    - H.264: an IDR access unit (nal_unit_type 5, ITU-T H.264 7.4.1.2.4): it ends the reference
+      list and resets the picture order count, so no frame decoded before it is shown after it or
+      referenced later; a frame shown before it but decoded after it would be decoded after the
+      seek as well and come out first, which the reader's first-frame check refuses.
+    - MPEG-4 Part 2: an I-VOP whose next VOP is not a B-VOP (ISO 14496-2 6.2.5, vop_coding_type):
+      anchors are shown in decode order and a P-VOP references only the anchor before it; a B-VOP
+      right after the I-VOP (open GOV) is shown before it and would be lost after a seek.
+    - MJPEG: every frame is coded alone.
+    Others (HEVC, MPEG-2, ...): None, read sequentially."""
+    name = stream.codec_context.name
+    if name == "mjpeg":
+        return lambda data, following: True
+    if name == "mpeg4":
+        return _no_leading_b_vop
+    if name != "h264":
+        return None
+    extradata = stream.codec_context.extradata or b""
+    if extradata[:1] == b"\x01":  # avcC: each NAL unit prefixed by its big-endian length
+        width = (extradata[4] & 3) + 1 if len(extradata) > 4 else 4
+        return lambda data, following: _idr_length_prefixed(data, width)
+    return lambda data, following: any(data[m.end()] & 0x1F == 5 for m in _START_CODE.finditer(data[:-1]))
+
+
+_START_CODE = re.compile(b"\x00\x00\x01")  # Annex B; emulation prevention keeps it out of NAL payloads
+_VOP_START = re.compile(b"\x00\x00\x01\xb6")  # MPEG-4 Part 2 VOP start code; 2 bits of coding type follow
+
+
+def _idr_length_prefixed(data: bytes, width: int) -> bool:
+    """Whether length-prefixed H.264 NAL units (ISO 14496-15) hold an IDR slice (type 5)."""
+    at = 0
+    while at + width < len(data):
+        if data[at + width] & 0x1F == 5:
+            return True
+        at += width + int.from_bytes(data[at : at + width], "big")
+    return False
+
+
+def _no_leading_b_vop(data: bytes, following: bytes) -> bool:
+    """Whether an MPEG-4 Part 2 packet holds an I-VOP (type 0) not followed by a B-VOP (type 2),
+    looking into the next packet too (XVID packs a P- and a B-VOP in one)."""
+    here, after = (_vop_types(chunk) for chunk in (data, following))
+    if 0 not in here:
+        return False
+    later = here[here.index(0) + 1 :] + after
+    return not later or later[0] != 2
+
+
+def _vop_types(data: bytes) -> list[int]:
+    return [data[m.end()] >> 6 for m in _VOP_START.finditer(data[:-1])]
 
 
 def _decode_all(path: str):
@@ -146,8 +225,9 @@ def read_frames(path: str, indices: Iterable[int], index: PacketIndex) -> tuple[
     """(``{i: BGR uint8 [H, W, 3]}``, mode): the wanted frames, by seeking where it can be verified
     (mode ``"seek"``), else by one sequential pass (mode ``"sequential"``)."""
     wanted = sorted(set(i for i in indices if 0 <= i < index.num_frames))
-    if index.pts is not None:
-        frames = _read_seeking(path, wanted, index)
+    if index.pts is not None or index.decode_pts is not None:
+        reader = _read_seeking if index.pts is not None else _read_by_decode_order
+        frames = reader(path, wanted, index)
         if frames is not None:
             return frames, "seek"
     return read_sequential(path, wanted), "sequential"
@@ -193,6 +273,55 @@ def _read_seeking(path: str, wanted: list[int], index: PacketIndex) -> dict[int,
                     frames.setdefault(position, _bgr(frame))
                 if position >= target:
                     break
+    finally:
+        container.close()
+    return frames
+
+
+MAX_REORDER = 16  # frames past its target within which a run must close (H.264 buffers at most 16 for reordering)
+
+
+def _read_by_decode_order(path: str, wanted: list[int], index: PacketIndex) -> dict[int, np.ndarray] | None:
+    """Seek-and-decode the wanted frames of a stream stamped in decode order; None where not verified.
+
+    A seek goes to the clean cut (packet k, see :func:`_clean_cut_test`) at or before the target, by
+    its dts. Frames 0..k-1 are then exactly packets 0..k-1, so the n-th frame decoded from the cut
+    is frame k + n: exactness rests on the cut. Each run is checked as a guard against a seek that
+    lands elsewhere or a decoder that drops or repeats frames: the first frame carries packet k's
+    stamp; each later one the stamp of a packet at or after k, none twice, none flagged corrupt; and
+    a run ends only where the frames so far are exactly packets k..k+n-1, at most MAX_REORDER frames
+    past its target."""
+    packet_of = {stamp: j for j, stamp in enumerate(index.decode_pts)}
+    cut_packets = np.asarray([j for j, _ in index.cuts])
+    wanted_set, frames = frozenset(wanted), {}
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        position, decoder = -1, None  # frame index of the last frame decoded, and the running decoder
+        for target in wanted:
+            if target in frames:
+                continue
+            before = np.flatnonzero(cut_packets <= target)
+            if not len(before):
+                return None
+            cut, dts = index.cuts[before[-1]]
+            if decoder is None or cut > position:
+                container.seek(dts, stream=stream, backward=True, any_frame=False)
+                decoder, start, seen, last_packet = _frames(container), cut, set(), -1
+            for frame in decoder:
+                packet = packet_of.get(frame.pts, -1)
+                if packet < start or frame.pts in seen or frame.is_corrupt or (not seen and packet != start):
+                    return None
+                seen.add(frame.pts)
+                position, last_packet = start + len(seen) - 1, max(last_packet, packet)
+                if position in wanted_set:
+                    frames[position] = _bgr(frame)
+                if position >= target and last_packet == position:  # frames so far: packets start..position
+                    break
+                if position > target + MAX_REORDER:
+                    return None
+            else:
+                return None  # the stream ended before the target, or with a frame lost
     finally:
         container.close()
     return frames
