@@ -64,11 +64,12 @@ pretrain-supervised: $(DEMO_DIR)/imagenet_supervised/synth.json ## the supervise
 	$(CROSSFLOW) export $(SUPERVISED_RUN)/checkpoints/best.ckpt $(SUPERVISED_RUN)/backbone.pt
 
 # TEST_WORKERS processes of one thread each, a test file to each: 3 on the 2-core CPU, since the end-to-end tests
-# wait on process start-ups and checkpoint writes (suite 12 min 5 s with 3, 12 min 57 s with 2, fresh clone)
+# wait on process start-ups and checkpoint writes (fresh clone: 12 min 5 s and 13 min 36 s with 3, 12 min 57 s and
+# 13 min 15 s with 2: no clear gain)
 TEST_WORKERS ?= 3
 PYTEST = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-test: $(VENV)/.installed ## the test suite (CPU, about 10 minutes)
+test: $(VENV)/.installed ## the test suite (CPU, about 15 minutes)
 	$(PYTEST)
 
 test-fast: $(VENV)/.installed ## the test suite without the end-to-end runs
