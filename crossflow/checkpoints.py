@@ -55,6 +55,20 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     return content
 
 
+def init_arguments(hyper_parameters: dict) -> dict:
+    """A checkpoint's saved hyper-parameters as constructor arguments (without the ``_class_path`` and other
+    ``_``-keys that LightningCLI adds)."""
+    return {k: v for k, v in hyper_parameters.items() if not k.startswith("_")}
+
+
+def module_from_checkpoint(module_class: type, checkpoint: dict):
+    """The content of a checkpoint (read by :func:`load_checkpoint`) -> ``module_class`` built from its plain
+    hyper-parameters, with its ``state_dict`` loaded, in eval mode. Nothing in the file is unpickled into objects."""
+    module = module_class(**init_arguments(checkpoint.get("hyper_parameters", {})))
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
+
+
 def load_error(path: str | os.PathLike, error: BaseException, what: str = "checkpoint") -> InvalidInputError:
     """The one-line error for a ``torch.load(weights_only=True)`` failure on ``path``."""
     message = str(error)

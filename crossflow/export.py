@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crossflow.checkpoints import load_checkpoint
+from crossflow.checkpoints import load_checkpoint, module_from_checkpoint
 from crossflow.errors import InvalidInputError
 from crossflow.models.backbone import save_backbone
 from crossflow.module import CrossFlowPretraining
@@ -29,10 +29,7 @@ def pretraining_from_checkpoint(path: str | Path, checkpoint: dict) -> CrossFlow
     state = checkpoint.get("state_dict", {})
     if "log_sigma2" not in state or not any(k.startswith("backbone.") for k in state):
         raise InvalidInputError(f"{path} is not a crossflow pretraining checkpoint (made by `crossflow fit --config configs/pretrain/...`)")
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}  # LightningCLI adds _class_path
-    module = CrossFlowPretraining(**hparams)
-    module.load_state_dict(state)
-    return module.eval()
+    return module_from_checkpoint(CrossFlowPretraining, checkpoint)
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from crossflow.checkpoints import load_checkpoint
+from crossflow.checkpoints import init_arguments, load_checkpoint
 from crossflow.data.pairs import PairDataModule
 from crossflow.data.render import render_clip
 from crossflow.errors import MissingInputError
@@ -40,8 +40,7 @@ HELD_OUT_SEED = 1_000_000  # synthetic clip seeds from here on are never used by
 
 def datamodule_of(checkpoint: Path) -> PairDataModule:
     hparams = load_checkpoint(checkpoint)["datamodule_hyper_parameters"]
-    arguments = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI adds _class_path
-    return PairDataModule(**{**arguments, "num_workers": 0})
+    return PairDataModule(**{**init_arguments(hparams), "num_workers": 0})
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from crossflow.checkpoints import module_from_checkpoint
 from crossflow.errors import InvalidInputError
 from crossflow.models.alexnet import AlexNet
 
@@ -33,10 +34,7 @@ def is_supervised_checkpoint(checkpoint: dict) -> bool:
 
 def supervised_from_checkpoint(checkpoint: dict) -> "SupervisedPretraining":
     """The content of a supervised checkpoint (read with ``weights_only=True``) -> the module in eval mode."""
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}  # LightningCLI adds _class_path
-    module = SupervisedPretraining(**hparams)
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.eval()
+    return module_from_checkpoint(SupervisedPretraining, checkpoint)
 
 
 class SupervisedPretraining(L.LightningModule):
