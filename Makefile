@@ -19,6 +19,8 @@ REPRO ?= runs/reproduce
 REPRO_ROWS ?= supervised random random-rescaled flow_classification cross_pixel
 REPRO_BENCHMARKS ?= voc07_cls voc07_det voc12_seg in1k_linear
 REPRO_SEEDS ?= 0
+# pretraining seeds of the rows crossflow pretrains from flow (each seed: its own pretraining, export and evals)
+REPRO_PRETRAIN_SEEDS ?= 0 1 2
 REPRO_PRETRAIN_ARGS ?=
 REPRO_EVAL_ARGS ?=
 DEMO_VIDEOS ?= 256
@@ -99,10 +101,15 @@ tables: $(VENV)/.installed ## Tables 1 and 2 (markdown) from every results.json 
 	$(CROSSFLOW) report runs/eval --out runs/eval/tables.md
 
 # reproduce-demo: pretrain the cross-pixel model and the direct baseline on the synthetic world with
-# the same budget, evaluate them and the random backbones on the four demo benchmarks, write the tables.
-# Each eval lands in $(REPRO)/<row>/<benchmark>/seed<S>/results.json; an interrupted run resumes.
+# the same budget, once per pretraining seed, evaluate them and the random and supervised backbones on the four
+# demo benchmarks, write the tables (mean +- std over the runs of a row).
+# A run is a row (random, random-rescaled, supervised) or <objective>/pretrain_seed<P>; each eval lands in
+# $(REPRO)/<run>/<benchmark>/seed<S>/results.json, and an interrupted run resumes.
+repro_fixed = $(filter random random-rescaled supervised,$(REPRO_ROWS))
+repro_runs = $(repro_fixed) $(foreach seed,$(REPRO_PRETRAIN_SEEDS),$(foreach row,$(filter-out $(repro_fixed),$(REPRO_ROWS)),$(row)/pretrain_seed$(seed)))
 repro_backbone = $(if $(filter random random-rescaled,$(1)),$(1),$(REPRO)/pretrain/$(1)/backbone.pt)
 repro_data = $(DEMO_DIR)/$(if $(filter in1k_linear,$(1)),imagenet,voc)
+repro_results = $(foreach run,$(repro_runs),$(foreach bench,$(REPRO_BENCHMARKS),$(foreach seed,$(REPRO_SEEDS),$(REPRO)/$(run)/$(bench)/seed$(seed)/results.json)))
 
 # The supervised row: the same AlexNet trained with the labels of $(DEMO_DIR)/imagenet_supervised (this explicit
 # rule takes precedence over the pattern rule below).
@@ -110,18 +117,19 @@ $(REPRO)/pretrain/supervised/backbone.pt: $(DEMO_DIR)/imagenet_supervised/synth.
 	$(CROSSFLOW) fit --config configs/pretrain/supervised_demo.yaml --data.init_args.root $(DEMO_DIR)/imagenet_supervised --trainer.default_root_dir $(REPRO)/pretrain/supervised --trainer.logger.init_args.name reproduce-supervised $(REPRO_PRETRAIN_ARGS)
 	$(CROSSFLOW) export $(REPRO)/pretrain/supervised/checkpoints/best.ckpt $@
 
+# $* = <objective>/pretrain_seed<P>
 $(REPRO)/pretrain/%/backbone.pt: $(DEMO_DIR)/pairs/index.json
-	$(CROSSFLOW) fit --config configs/pretrain/demo.yaml --data.init_args.data_dir $(DEMO_DIR)/pairs --model.init_args.objective $* --trainer.default_root_dir $(REPRO)/pretrain/$* --trainer.logger.init_args.name reproduce-$* $(REPRO_PRETRAIN_ARGS)
+	$(CROSSFLOW) fit --config configs/pretrain/demo.yaml --data.init_args.data_dir $(DEMO_DIR)/pairs --model.init_args.objective $(firstword $(subst /, ,$*)) --seed_everything $(patsubst pretrain_seed%,%,$(notdir $*)) --trainer.default_root_dir $(REPRO)/pretrain/$* --trainer.logger.init_args.name reproduce-$(subst /,-,$*) $(REPRO_PRETRAIN_ARGS)
 	$(CROSSFLOW) export $(REPRO)/pretrain/$*/checkpoints/best.ckpt $@
 
 define repro_eval
 $(REPRO)/$(1)/$(2)/seed$(3)/results.json: $(filter %.pt,$(call repro_backbone,$(1))) $(call repro_data,$(2))/synth.json
-	$(CROSSFLOW) fit --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --data.init_args.root $(call repro_data,$(2)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(1)-$(2)-seed$(3) $(REPRO_EVAL_ARGS)
-	$(CROSSFLOW) test --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --data.init_args.root $(call repro_data,$(2)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(1)-$(2)-seed$(3) --ckpt_path last $(REPRO_EVAL_ARGS)
+	$(CROSSFLOW) fit --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --data.init_args.root $(call repro_data,$(2)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(subst /,-,$(1))-$(2)-seed$(3) $(REPRO_EVAL_ARGS)
+	$(CROSSFLOW) test --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --data.init_args.root $(call repro_data,$(2)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(subst /,-,$(1))-$(2)-seed$(3) --ckpt_path last $(REPRO_EVAL_ARGS)
 endef
-$(foreach row,$(REPRO_ROWS),$(foreach bench,$(REPRO_BENCHMARKS),$(foreach seed,$(REPRO_SEEDS),$(eval $(call repro_eval,$(row),$(bench),$(seed))))))
+$(foreach run,$(repro_runs),$(foreach bench,$(REPRO_BENCHMARKS),$(foreach seed,$(REPRO_SEEDS),$(eval $(call repro_eval,$(run),$(bench),$(seed))))))
 
-reproduce-demo: $(foreach row,$(REPRO_ROWS),$(foreach bench,$(REPRO_BENCHMARKS),$(foreach seed,$(REPRO_SEEDS),$(REPRO)/$(row)/$(bench)/seed$(seed)/results.json))) ## the paper's comparison on the synthetic world (about an hour on 2 cores)
+reproduce-demo: $(repro_results) ## the paper's comparison on the synthetic world (see the README for its wall time)
 	$(CROSSFLOW) report $(REPRO) --out $(REPRO)/tables.md
 
 $(DEMO_DIR)/voc/synth.json: | $(VENV)/.installed
