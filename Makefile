@@ -5,7 +5,13 @@ VENV ?= .venv
 # The torch build to install (this machine has these wheels on disk; elsewhere any torch>=2.4 works).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
-CROSSFLOW := $(BIN)/crossflow
+# glibc serves every block over 32 MB (AlexNet's fc6 weight and its gradient are 151 MB) with a fresh mmap and
+# unmaps it on free, so each CPU training step page-faults its big tensors back in: a third of the suite's time was
+# system time. MALLOC_MMAP_MAX_=0 keeps them in the heap and a 4 GB trim threshold keeps the heap (fc layers alone:
+# sys time 1.05 s -> 0 s, 535k page faults -> 0 per 10 steps; tests/test_learning.py 89.7 s -> 68.4 s; 30 steps of
+# the demo detection: 14.4-15.8 s -> 5.2-5.4 s of system time, wall 45-48 s -> 35-36 s). Every target runs with it.
+CPU_MALLOC = MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296
+CROSSFLOW := $(CPU_MALLOC) $(BIN)/crossflow
 
 DEMO_DIR ?= data/demo
 DEMO_RUN ?= runs/pretrain/demo
@@ -69,12 +75,7 @@ pretrain-supervised: $(DEMO_DIR)/imagenet_supervised/synth.json ## the supervise
 # wait on process start-ups and checkpoint writes (fresh clone: 12 min 5 s and 13 min 36 s with 3, 12 min 57 s and
 # 13 min 15 s with 2: no clear gain)
 TEST_WORKERS ?= 3
-# glibc serves every block over 32 MB (AlexNet's fc6 weight and its gradient are 151 MB) with a fresh mmap and
-# unmaps it on free, so each CPU training step page-faults its big tensors back in: a third of the suite's time was
-# system time. MALLOC_MMAP_MAX_=0 keeps them in the heap and a 4 GB trim threshold keeps the heap (fc layers alone:
-# sys time 1.05 s -> 0 s, 535k page faults -> 0 per 10 steps; tests/test_learning.py 89.7 s -> 68.4 s).
-TEST_MALLOC = MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296
-PYTEST = $(TEST_MALLOC) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST = $(CPU_MALLOC) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test: $(VENV)/.installed ## the test suite (CPU, about 15 minutes)
 	$(PYTEST)
