@@ -75,7 +75,10 @@ def describe(spec: str) -> str:
         return spec
     kind, record = read_backbone_file(spec)
     source = record.get("source", {}) if kind == "crossflow" else {}
-    return f"{Path(spec).name} ({source.get('objective', kind)}, taps {', '.join(source.get('taps', [])) or '?'})"
+    details = [source.get("objective", kind)]
+    details += [f"taps {', '.join(source['taps'])}"] if source.get("taps") else []
+    details += [f"untrained {', '.join(record['untrained_layers'])}"] if record.get("untrained_layers") else []
+    return f"{Path(spec).name} ({'; '.join(details)})"
 
 
 def main() -> None:
