@@ -62,10 +62,11 @@ def test_kitti_png_round_trip_is_exact_to_a_64th_of_a_pixel():
 
 
 def kitti_ground_truth() -> tuple[np.ndarray, np.ndarray]:
-    """The KITTI devkit's sparse ground truth (real flow with holes), or a synthetic field where it is absent."""
+    """The KITTI devkit's sparse ground truth (real flow with holes), or where it is absent a synthetic field of
+    its magnitudes (its vectors reach 224 px)."""
     if KITTI.is_dir():
         return read_flow(KITTI / "flow_gt.png")
-    flow = random_flow(3) * 40
+    flow = random_flow(3, scale=224.0)
     return flow, np.random.default_rng(3).random(flow.shape[:2]) < 0.4
 
 
