@@ -6,9 +6,11 @@ One process, one thread for torch and OpenCV, so the figure is per core. Times w
 (``dataset[i]`` and the batch's ``collate_skipping_failures``), then splits one sample into its stages:
 read (the members' bytes), frame decode (JPEG -> RGB), flow decode, augmentation (scale, crop, flip of
 the frame, and the image normalisation) and point sampling (N points, their flow, eq. 6).
+With ``--augment-on-device`` the workers only cut the stored pixels under each crop (``augment_on_device``
+of the DataModule: the warp and normalisation run on the training device, outside these CPU figures).
 Rows are kept per ``--label`` in the results file, so earlier code's figures stay in the same table.
 
-    .venv/bin/python benchmarks/loader_throughput.py --label "after" [--samples 300]
+    .venv/bin/python benchmarks/loader_throughput.py --label "after" [--samples 300] [--augment-on-device]
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--samples", type=int, default=300, help="samples timed per config (the shards' train split, cycled)")
     parser.add_argument("--flow-format", default=None, help="prepare's --flow-format for the shards (default: prepare's default)")
+    parser.add_argument("--augment-on-device", action="store_true", help="workers cut windows; the warp is left to the device")
     parser.add_argument("--work", default=str(ROOT / "runs" / "benchmarks" / "loader"), help="where the prepared shards are kept")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loader_throughput.md"))
     args = parser.parse_args()
@@ -115,7 +118,7 @@ def main() -> None:
     for name in args.configs:
         short_side, crop, points, batch = CONFIGS[name]
         data = prepared(Path(args.work), short_side, args.flow_format)
-        dataset = PairShards(data, "train", Augmentation(crop, (1.0, 1.5)), points)
+        dataset = PairShards(data, "train", Augmentation(crop, (1.0, 1.5)), points, warp_on_device=args.augment_on_device)
         indices = [i % len(dataset) for i in range(args.samples)]
         dataset[0]  # warm-up: file cache, OpenCV's first calls
         per_sample = whole_samples(dataset, indices, batch)

@@ -6,13 +6,14 @@ resize, flow, JPEG + KITTI PNG, tar) on the real clips in ../shared/data/video a
 endpoint error (px) on the five Middlebury sequences (grey frames) and on rendered synthetic
 clips (``crossflow.data.render``, exact flow, short side 256), with the CPU time per flow.
 
-Decoding: the share of prepare's CPU time spent in scanning and decoding (DIS fast), and the
-time to prepare 8 pairs from a 10-minute video and from a 30-second one, both encoded here
+Stages: the shares of prepare's CPU time spent decoding (packet scan + frames) and in the flow
+estimator, with the rate the estimator alone would allow (a ceiling no faster decoding can pass); and
+the time to prepare 8 pairs from a 10-minute video and from a 30-second one, both encoded here
 from a shared clip (H.264, keyframe interval 250), so cost is seen to follow pairs, not length.
 
     .venv/bin/python benchmarks/prepare_throughput.py   # ~5 min on one core; writes results/prepare_throughput.md
     .venv/bin/python benchmarks/prepare_throughput.py --prepare-only --methods dis:preset=fast dis:preset=medium
-        # only the prepare throughput and decoding share of those rows, printed (nothing written)
+        # only the prepare throughput and stage shares of those rows, printed (nothing written)
 """
 
 from __future__ import annotations
@@ -61,25 +62,39 @@ def prepare_rate(
         return json.loads((Path(out) / "index.json").read_text())["counts"]["pairs"], seconds, cpu
 
 
-@contextlib.contextmanager
-def decode_timer() -> Iterator[list[float]]:
-    """CPU seconds spent in prepare's packet scan and frame decoding, summed while the block runs."""
-    spent, originals = [0.0], (prepare.count_frames, prepare.read_frames)
+# prepare's functions timed by stage_timer, by stage: decoding (packet scan + frames) and the flow estimator
+STAGES = {"decoding": ("count_frames", "read_frames"), "flow": ("estimate_flow",)}
 
-    def timed(function):
+
+@contextlib.contextmanager
+def stage_timer() -> Iterator[dict[str, float]]:
+    """CPU seconds spent in each of prepare's STAGES, summed while the block runs (one process: --workers 1)."""
+    spent = dict.fromkeys(STAGES, 0.0)
+    originals = {name: getattr(prepare, name) for names in STAGES.values() for name in names}
+
+    def timed(stage, function):
         def call(*args, **kwargs):
             start = time.process_time()
             try:
                 return function(*args, **kwargs)
             finally:
-                spent[0] += time.process_time() - start
+                spent[stage] += time.process_time() - start
         return call
 
-    prepare.count_frames, prepare.read_frames = map(timed, originals)
+    for stage, names in STAGES.items():
+        for name in names:
+            setattr(prepare, name, timed(stage, originals[name]))
     try:
         yield spent
     finally:
-        prepare.count_frames, prepare.read_frames = originals
+        for name, function in originals.items():
+            setattr(prepare, name, function)
+
+
+def stages_line(pairs: int, cpu: float, spent: dict[str, float]) -> str:
+    """Each stage's share of prepare's CPU time, and the rate the flow estimator alone would allow."""
+    return (f"{spent['decoding'] / cpu:.0%} decoding, {spent['flow'] / cpu:.0%} flow; "
+            f"the flow alone allows {pairs / spent['flow']:.1f} pairs per CPU-s")  # fmt: skip
 
 
 def encode_loop(source: Path, out: Path, seconds: float, keyframe_interval: int = 250) -> Path:
@@ -180,32 +195,32 @@ def main() -> None:
     cv2.setNumThreads(1)  # per-core figures
     if args.prepare_only:
         for method in args.methods:
-            with decode_timer() as decoding:
+            with stage_timer() as spent:
                 pairs, seconds, cpu = prepare_rate(method, args.frames_per_video, args.short_side, flow_format=args.flow_format)
             print(f"{method}: {pairs / cpu:.2f} pairs per CPU-s, {pairs / seconds:.2f} pairs/s wall "
-                  f"({pairs} pairs, {cpu:.2f} CPU-s, {decoding[0] / cpu:.0%} decoding)", flush=True)  # fmt: skip
+                  f"({pairs} pairs, {cpu:.2f} CPU-s, {stages_line(pairs, cpu, spent)})", flush=True)  # fmt: skip
         return
     middlebury, synthetic = middlebury_pairs(), synthetic_pairs(args.synthetic_clips, args.short_side)
     rows = []
     for method in args.methods:
-        with decode_timer() as decoding:
+        with stage_timer() as spent:
             pairs, seconds, cpu = prepare_rate(method, args.frames_per_video, args.short_side, flow_format=args.flow_format)
-        row = {"method": method, "rate": pairs / cpu, "wall_rate": pairs / seconds, "decode_share": decoding[0] / cpu}
+        row = {"method": method, "rate": pairs / cpu, "wall_rate": pairs / seconds, "stages": stages_line(pairs, cpu, spent)}
         errors, row["ms"] = epes(method, middlebury)
         row["middlebury"], row["rubberwhale"] = np.mean(errors), errors[SEQUENCES.index("RubberWhale")]
         if synthetic:
             errors, row["synthetic_ms"] = epes(method, synthetic)
             row["synthetic"] = np.mean(errors)
         rows.append(row)
-        print(f"{method}: {pairs} pairs in {seconds:.1f} s ({cpu:.1f} CPU-s, {row['decode_share']:.0%} decoding)", flush=True)
+        print(f"{method}: {pairs} pairs in {seconds:.1f} s ({cpu:.1f} CPU-s, {row['stages']})", flush=True)
     zero = np.mean([np.linalg.norm(gt, axis=-1)[valid].mean() for *_, gt, valid in middlebury])
     notes = [
         f"Machine: {cpu_name()}, OpenCV {cv2.__version__}, PyAV {av.__version__}, one process, one OpenCV and one decoder thread.",
         f"Prepare: the 7 real clips in shared/data/video, {args.frames_per_video} pairs per clip, short side "
         f"{args.short_side}, gap 5, flow member {args.flow_format or 'of prepare default'}; frame counts from a packet "
         "scan, frames by seeking (crossflow.data.video).",
-        "Decoding share (packet scan + decoding, of prepare's CPU time): "
-        + ", ".join(f"{row['method']} {row['decode_share']:.0%}" for row in rows) + ".",
+        "Stages (of prepare's CPU time; decoding = packet scan + frames): "
+        + "; ".join(f"{row['method']} {row['stages']}" for row in rows) + ".",
     ]
     costs = length_costs("dis:preset=medium", args.short_side)
     notes += [

@@ -40,7 +40,7 @@ HELD_OUT_SEED = 1_000_000  # synthetic clip seeds from here on are never used by
 
 def datamodule_of(checkpoint: Path) -> PairDataModule:
     hparams = load_checkpoint(checkpoint)["datamodule_hyper_parameters"]
-    return PairDataModule(**{**init_arguments(hparams), "num_workers": 0})
+    return PairDataModule(**{**init_arguments(hparams), "num_workers": 0, "augment_on_device": False})  # CPU batches
 
 
 @torch.no_grad()

@@ -167,7 +167,11 @@ def test_one_line_errors(prepared, tmp_path, capsys):
     damaged = tmp_path / "damaged"
     shutil.copytree(source, damaged)
     shard = damaged / "val" / "shard-000000.tar"
-    for size in (700, shard.stat().st_size // 2):  # cut inside a header, inside a sample
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+        last_sample = next(m.offset for m in members if m.name.split(".")[0] == members[-1].name.split(".")[0])
+        inside_a_sample = members[1].offset_data + 10
+    for size in (700, inside_a_sample, last_sample):  # cut inside a header, inside a sample, between two samples
         shard.write_bytes((source / "val" / "shard-000000.tar").read_bytes()[:size])
         assert convert(damaged, tmp_path / f"from-damaged-{size}", "u8-lz4") == 2
         error = one_line_error(capsys)

@@ -249,12 +249,14 @@ def test_summary_scores_grouping_on_the_world_the_pairs_were_prepared_from(tmp_p
     assert training_world(tmp_path / "not-prepared") == "default"
 
 
-def test_a_videos_folder_written_before_worlds_is_still_complete(tmp_path, capsys):
+def test_a_videos_folder_of_the_first_faster_world_is_refused_with_what_to_do(tmp_path, capsys):
     out = tmp_path / "videos"
     args = ["synth", "videos", "--out", str(out), "--num-videos", "1", "--frames", "4", "--width", "32", "--height", "32", "--gap", "1", "--workers", "1"]
     assert crossflow(args) == 0
     manifest = json.loads((out / "synth.json").read_text())
-    del manifest["world"]  # what an earlier crossflow wrote: its clips are the default world's
-    (out / "synth.json").write_text(json.dumps(manifest))
+    assert manifest["format_version"] == 2
+    (out / "synth.json").write_text(json.dumps({**manifest, "format_version": 1}))  # what crossflow wrote before 2026-12-04
     capsys.readouterr()
-    assert crossflow(args) == 0 and "already exists with these settings" in capsys.readouterr().out
+    assert crossflow(args) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "other settings" in error and "remove it" in error

@@ -53,16 +53,20 @@ def convert_sample(sample: dict, flow_format: str) -> dict:
     return {"__key__": key, **members, name: data, "meta.json": json.dumps(meta, sort_keys=True).encode()}
 
 
-def convert_shard(source: Path, target: Path, flow_format: str) -> None:
-    """Write ``source``'s samples, converted, to ``target`` (temp name, then os.replace; the temp file is removed on
-    failure), then its members cache. The tar is written as prepare writes it (mtime 0, members sorted per sample)."""
+def convert_shard(source: Path, target: Path, flow_format: str, num_samples: int) -> None:
+    """Write ``source``'s ``num_samples`` samples, converted, to ``target`` (temp name, then os.replace; the temp file
+    is removed on failure, also when the shard holds another number of samples: a tar cut between two samples reads
+    without error), then its members cache. The tar is written as prepare writes it (mtime 0, members sorted per sample)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     try:
         with open(partial, "wb") as stream:
             with wds.TarWriter(stream, encoder=False, mtime=0) as writer:
-                for sample in wds.WebDataset(str(source), shardshuffle=False, empty_check=False):
+                count = 0
+                for count, sample in enumerate(wds.WebDataset(str(source), shardshuffle=False, empty_check=False), start=1):
                     writer.write(convert_sample(sample, flow_format))
+            if count != num_samples:
+                raise ConvertError(f"it holds {count} of the {num_samples} samples its record lists")
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(partial, target)
@@ -83,7 +87,7 @@ def convert_group(job: tuple[Path, Path, Group, str]) -> Group:
         raise ConvertError(f"{source / shard} is missing: rerun IN's prepare command (it makes missing shards again), then convert again")
     if shard:
         try:
-            convert_shard(source / shard, out / shard, flow_format)
+            convert_shard(source / shard, out / shard, flow_format, record["num_samples"])
         except (ConvertError, tarfile.TarError) as error:
             reason = error if isinstance(error, ConvertError) else "cut short, or not a tar file"
             raise ConvertError(f"{source / shard} is damaged ({reason}): delete it and {source / group.record}, "

@@ -13,6 +13,10 @@ at the first read; rebuilt when the shard's size or mtime changed). A batch is a
     points [B, N, 2]     float (x, y) pixel centres of the crop, drawn per image among valid flow
     flow   [B, N, 2]     float, eq. 6 normalised flow at those pixels
     key    list of B sample keys
+
+With ``augment_on_device``, workers send each sample's stored pixels under the crop instead of ``image``
+(``window [B, h, w, 3]`` uint8, ``matrix [B, 2, 3]``, see :func:`cut_window`) and the DataModule warps the batch on
+the device as it arrives (:func:`warp_windows`), so the CPU does no per-pixel work on the frame.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from crossflow.data.resumable import ResumableLoader
@@ -128,6 +133,45 @@ def all_pixels(size: int) -> np.ndarray:
     return np.stack([xs, ys], axis=-1).astype(np.float32)
 
 
+def cut_window(frame: np.ndarray, transform: CropTransform) -> tuple[np.ndarray, np.ndarray]:
+    """The stored pixels a crop's bilinear taps read: (``frame[y0:y1, x0:x1]`` [h, w, 3], ``[2, 3]`` float32 affine
+    crop pixel -> window pixel). Border replication needs no pixel outside: taps are clamped into the frame."""
+    size = np.arange(transform.size, dtype=np.float64)[[0, -1]]
+    xs, ys = transform.source_x(size), transform.source_y(size)
+    x0, x1 = (int(np.clip(np.floor(v), 0, frame.shape[1] - 1)) for v in (xs.min(), xs.max()))
+    y0, y1 = (int(np.clip(np.floor(v), 0, frame.shape[0] - 1)) for v in (ys.min(), ys.max()))
+    matrix = transform.matrix() - np.array([[0, 0, x0], [0, 0, y0]])
+    return frame[y0:y1 + 2, x0:x1 + 2], matrix.astype(np.float32)
+
+
+def pad_windows(windows: list[np.ndarray]) -> torch.Tensor:
+    """Windows of different sizes -> ``[B, h, w, 3]`` uint8, each padded at its bottom and right by repeating its
+    edge (so border clamping in :func:`warp_windows` replicates the same pixels as the frame's own border)."""
+    height, width = max(w.shape[0] for w in windows), max(w.shape[1] for w in windows)
+    return torch.from_numpy(np.stack([np.pad(w, ((0, height - w.shape[0]), (0, width - w.shape[1]), (0, 0)), mode="edge")
+                                      for w in windows]))
+
+
+def warp_windows(windows: torch.Tensor, matrices: torch.Tensor, size: int) -> torch.Tensor:
+    """Batched :meth:`Augmentation.warp_frame` + :func:`normalize_image` on the tensors' device.
+
+    ``windows [B, h, w, 3]`` uint8 RGB, ``matrices [B, 2, 3]`` (crop pixel -> window pixel) -> ``[B, 3, S, S]``
+    float, bilinear with the border replicated. With pixel centres at ``(2 p + 1) / n - 1`` in grid_sample's
+    normalised coordinates (align_corners=False), crop pixel ``p = ((u + 1) S - 1) / 2`` maps to window pixel
+    ``q = A p + b`` and ``q_n = (2 q + 1) / (w, h) - 1``. Unlike cv2.warpAffine, positions and values are not
+    rounded (cv2: 1/32 px, uint8): the two differ by at most about half a grey level (tests/test_pairs.py)."""
+    batch, height, width, _ = windows.shape
+    images = windows.permute(0, 3, 1, 2).float()
+    A, b = matrices[:, :, :2].float(), matrices[:, :, 2].float()
+    extent = torch.tensor([width, height], dtype=images.dtype, device=images.device)
+    # q_n = (2 (A p + b) + 1) / n - 1 with p = (S u + S - 1) / 2  =>  q_n = (S A u + A (S - 1) 1 + 2 b + 1) / n - 1
+    theta = torch.cat([size * A / extent[:, None], ((A.sum(-1) * (size - 1) + 2 * b + 1) / extent - 1)[..., None]], -1)
+    grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
+    warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False) / 255
+    mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device)[:, None, None] for v in (IMAGE_MEAN, IMAGE_STD))
+    return (warped - mean) / std
+
+
 @dataclass
 class Augmentation:
     """Scale, crop and flip applied identically to frame and flow, without resizing either whole.
@@ -158,13 +202,17 @@ class Augmentation:
         flip = bool(self.train and rng.random() < 0.5)
         return CropTransform(tuple(shape), (width / shape[1], height / shape[0]), int(left), int(top), self.crop_size, flip)
 
+    def shrunk(self, frame: np.ndarray, transform: CropTransform) -> tuple[np.ndarray, CropTransform]:
+        """(frame, transform) with a shrink below ``area_below`` done first by INTER_AREA (the transform then scale 1)."""
+        if min(transform.scale) >= self.area_below:
+            return frame, transform
+        height, width = frame.shape[:2]
+        frame = cv2.resize(frame, (round(width * transform.scale[0]), round(height * transform.scale[1])), interpolation=cv2.INTER_AREA)
+        return frame, CropTransform(frame.shape[:2], (1.0, 1.0), transform.left, transform.top, transform.size, transform.flip)
+
     def warp_frame(self, frame: np.ndarray, transform: CropTransform) -> np.ndarray:
         """Stored ``frame [H, W, 3]`` uint8 -> the crop ``[S, S, 3]``: one cv2.warpAffine (bilinear, border replicated)."""
-        if min(transform.scale) < self.area_below:
-            height, width = frame.shape[:2]
-            size = (round(width * transform.scale[0]), round(height * transform.scale[1]))
-            frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
-            transform = CropTransform(frame.shape[:2], (1.0, 1.0), transform.left, transform.top, transform.size, transform.flip)
+        frame, transform = self.shrunk(frame, transform)
         return cv2.warpAffine(frame, transform.matrix(), (transform.size, transform.size),
                               flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
 
@@ -247,10 +295,11 @@ def shard_members(shard: Path) -> dict[str, dict[str, tuple[int, int]]]:
 
 class PairShards(Dataset):
     """Map-style view of one split's shards; item ``i`` -> one augmented sample, or None when a
-    member fails to decode (skipped by the collate function, warned once per shard file)."""
+    member fails to decode (skipped by the collate function, warned once per shard file). With
+    ``warp_on_device`` a sample holds ``window`` and ``matrix`` (:func:`cut_window`) in place of ``image``."""
 
     def __init__(self, data_dir: str | Path, split: str, augmentation: Augmentation, num_points: int,
-                 max_magnitude: float = 56.0, seed: int = 0):
+                 max_magnitude: float = 56.0, seed: int = 0, warp_on_device: bool = False):
         index = read_index(data_dir)
         if split not in index["splits"] or not index["splits"][split]["shards"]:
             raise InvalidInputError(f"{data_dir} has no '{split}' shards: prepare more videos or a larger --val-fraction")
@@ -267,6 +316,7 @@ class PairShards(Dataset):
         self.keys = np.asarray(keys, dtype=str)  # [I] fixed-width
         self.spans = np.asarray(spans, dtype=np.int64).reshape(-1, len(MEMBERS), 2)  # [I, member, (offset, size)]; -1: absent
         self.augmentation, self.num_points, self.max_magnitude, self.seed = augmentation, num_points, max_magnitude, seed
+        self.warp_on_device = warp_on_device
         self.epoch = 0  # set through set_epoch by the training module at each epoch start
         self.failures: dict[Path, int] = {}
 
@@ -313,16 +363,20 @@ class PairShards(Dataset):
         return np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())])
 
     def augment(self, frame: np.ndarray, flow_valid: tuple[np.ndarray, np.ndarray], rng: np.random.Generator):
-        """Draw the sample's transform and warp the frame: (image ``[3, S, S]`` normalised, transform, flow, valid, rng)."""
+        """Draw the sample's transform and warp the frame: (``{"image": [3, S, S]}`` normalised, or ``{"window",
+        "matrix"}`` to warp on the device, transform, flow, valid, rng)."""
         transform = self.augmentation.draw(frame.shape[:2], rng)
-        return normalize_image(self.augmentation.warp_frame(frame, transform)), transform, *flow_valid, rng
+        if self.warp_on_device:
+            window, matrix = cut_window(*self.augmentation.shrunk(frame, transform))
+            return {"window": window, "matrix": torch.from_numpy(matrix)}, transform, *flow_valid, rng
+        return {"image": normalize_image(self.augmentation.warp_frame(frame, transform))}, transform, *flow_valid, rng
 
     def finish(self, augmented: tuple, key: str) -> dict:
         """N points among the crop's valid pixels and their eq. 6 flow, read from the stored field -> the sample dict."""
-        image, transform, flow, valid, rng = augmented
+        pixels, transform, flow, valid, rng = augmented
         points = sample_points(crop_valid(valid, transform), self.num_points, rng)
         flow_points = flow_at(flow, transform, points)
-        return {"image": image, "points": torch.from_numpy(points),
+        return {**pixels, "points": torch.from_numpy(points),
                 "flow": torch.from_numpy(normalize_flow(flow_points, self.max_magnitude)), "key": key}
 
     def _decoded(self, i: int):
@@ -362,9 +416,13 @@ class PairShards(Dataset):
 
 def collate_skipping_failures(samples: list) -> dict:
     """Batch the samples that decoded, with ``skipped``: how many did not. When none did, the batch is
-    ``{"skipped": n}`` alone (the module counts it and skips the step)."""
+    ``{"skipped": n}`` alone (the module counts it and skips the step). Windows (``augment_on_device``) are padded
+    to the batch's largest (:func:`pad_windows`)."""
     decoded = [s for s in samples if s is not None]
-    return {**(default_collate(decoded) if decoded else {}), "skipped": len(samples) - len(decoded)}
+    windows = [s["window"] for s in decoded if "window" in s]  # of different sizes: padded, not stacked
+    fixed = [{k: v for k, v in s.items() if k != "window"} for s in decoded]
+    batch = {**(default_collate(fixed) if fixed else {}), "skipped": len(samples) - len(decoded)}
+    return {**batch, "window": pad_windows(windows)} if windows else batch
 
 
 class PairDataModule(L.LightningDataModule):
@@ -379,11 +437,14 @@ class PairDataModule(L.LightningDataModule):
         max_magnitude: M of eq. 6 (paper: 56).
         num_workers: DataLoader worker processes.
         seed: seed of the training order (with the epoch) and of the augmentation (with the epoch and the sample key).
+        augment_on_device: workers send the stored pixels under each crop and the batch is warped on the training
+            device (:func:`warp_windows`; the same draws, points and flow as on the CPU): for a GPU whose loader
+            workers cannot keep up.
     """
 
     def __init__(self, data_dir: str, crop_size: int = 224, batch_size: int = 96, num_points: int = 512,
                  scale_range: tuple[float, float] = (1.0, 1.5), max_magnitude: float = 56.0,
-                 num_workers: int = 4, seed: int = 0):
+                 num_workers: int = 4, seed: int = 0, augment_on_device: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.train_set: PairShards | None = None
@@ -393,9 +454,11 @@ class PairDataModule(L.LightningDataModule):
         h = self.hparams
         read_index(h.data_dir)  # fail early, with the message, before any worker starts
         if stage in (None, "fit"):
-            self.train_set = PairShards(h.data_dir, "train", Augmentation(h.crop_size, tuple(h.scale_range)), h.num_points, h.max_magnitude, h.seed)
+            self.train_set = PairShards(h.data_dir, "train", Augmentation(h.crop_size, tuple(h.scale_range)), h.num_points,
+                                        h.max_magnitude, h.seed, h.augment_on_device)
         if stage in (None, "fit", "validate"):
-            self.val_set = PairShards(h.data_dir, "val", Augmentation(h.crop_size, train=False), h.num_points, h.max_magnitude, h.seed)
+            self.val_set = PairShards(h.data_dir, "val", Augmentation(h.crop_size, train=False), h.num_points,
+                                      h.max_magnitude, h.seed, h.augment_on_device)
 
     def _loader(self, dataset: PairShards, shuffle: bool) -> DataLoader:
         settings = dict(num_workers=self.hparams.num_workers, collate_fn=collate_skipping_failures,
@@ -406,6 +469,13 @@ class PairDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """With ``augment_on_device``: the batch's windows -> ``image``, on the device they were moved to."""
+        if "window" not in batch:
+            return batch
+        image = warp_windows(batch.pop("window"), batch.pop("matrix"), self.hparams.crop_size)
+        return {**batch, "image": image}
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -47,7 +47,9 @@ from crossflow.data.render import CLASSES, WORLDS, render_clip, render_frame, sa
 from crossflow.errors import UserInputError
 from crossflow.flow import write_flow
 
-FORMAT_VERSION = 1
+# per kind; videos 2: the default world's slower camera and objects, more of them (render.sample_clip_scene),
+# so a folder of the first world's clips is refused rather than mixed with new ones
+FORMAT_VERSIONS = {"videos": 2, "voc": 1, "imagenet": 1}
 FOURCC, VIDEO_SUFFIX = "mp4v", ".mp4"
 MANIFEST = "synth.json"
 JPEG_QUALITY = 90
@@ -316,7 +318,7 @@ SETTINGS = {
 
 def manifest(args) -> dict:
     """What ``DIR/synth.json`` records: the kind, format version and every setting."""
-    return {"kind": args.kind, "format_version": FORMAT_VERSION, **{k: getattr(args, k) for k in SETTINGS[args.kind]}}
+    return {"kind": args.kind, "format_version": FORMAT_VERSIONS[args.kind], **{k: getattr(args, k) for k in SETTINGS[args.kind]}}
 
 
 def is_complete(out: Path, expected: dict) -> bool:
@@ -327,8 +329,6 @@ def is_complete(out: Path, expected: dict) -> bool:
     if not path.is_file():
         raise SynthError(f"{out} exists and is not a crossflow synth output; remove it or choose another --out")
     found = json.loads(path.read_text())
-    if found.get("kind") == "videos":
-        found.setdefault("world", "default")  # written before worlds existed: the same clips as the default world
     if found != expected:
         raise SynthError(f"{out} holds a synth output with other settings ({found}); remove it or choose another --out")
     return True
@@ -392,7 +392,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     videos.add_argument("--gap", type=int, default=5, help="ground-truth flow is frame t -> t+gap")
     videos.add_argument("--fps", type=float, default=25.0)
     videos.add_argument("--world", choices=WORLDS, default="default",
-                        help="default: 1-4 objects, moving camera; one-object: one moving object, still camera and background")
+                        help="default: 2-5 objects, camera moving half the time; one-object: one moving object, still camera and background")
     voc = kinds.add_parser("voc", help="labelled stills in the VOCdevkit VOC2007 + VOC2012 layouts")
     voc.add_argument("--num-images", type=int, default=300, help="images per year")
     imagenet = kinds.add_parser("imagenet", help="one-object images in an ImageFolder train/val layout")
