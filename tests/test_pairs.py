@@ -30,6 +30,7 @@ from crossflow.data.pairs import (
     sample_points,
     warp_windows,
 )
+from crossflow.errors import InvalidInputError
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
 
 
@@ -232,6 +233,18 @@ def test_prepare_caches_member_offsets_and_a_damaged_or_stale_cache_is_rebuilt(t
     for shard in (train, val):
         stat = shard.stat()
         assert json.loads(member_index_path(shard).read_text())["shard"] == [stat.st_size, stat.st_mtime_ns]
+
+
+def test_a_shard_cut_between_two_samples_is_refused_with_what_to_do(tiny_pairs, tmp_path):
+    pairs = tmp_path / "pairs"
+    shutil.copytree(tiny_pairs, pairs)
+    shard = sorted((pairs / "train").glob("shard-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+        last_sample = next(m.offset for m in members if m.name.split(".")[0] == members[-1].name.split(".")[0])
+    shard.write_bytes(shard.read_bytes()[:last_sample])  # reads as a valid tar of one sample fewer
+    with pytest.raises(InvalidInputError, match=r"holds \d+ of the \d+ samples .* delete it and its record under records/"):
+        PairShards(pairs, "train", Augmentation(64, train=False), num_points=8)
 
 
 def pairs_with_failures(tiny_pairs: Path, out: Path, splits=("train",)) -> Path:

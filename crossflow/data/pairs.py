@@ -307,8 +307,12 @@ class PairShards(Dataset):
         # Items as flat NumPy arrays, not a list of Python objects: DataLoader workers then share these pages with
         # the parent instead of copying them as reference counts change (a list of 1.6M tuples grows every worker).
         shard_of, keys, spans = [], [], []
-        for shard_index, shard in enumerate(self.shards):
-            for key, members in sorted(shard_members(shard).items()):
+        for shard_index, (shard, listed) in enumerate(zip(self.shards, index["splits"][split]["shards"])):
+            found = shard_members(shard)
+            if len(found) != listed.get("num_samples", len(found)):  # a tar cut between two samples reads as a short one
+                raise InvalidInputError(f"{shard} holds {len(found)} of the {listed['num_samples']} samples {data_dir}/index.json "
+                                        "lists (cut short?): delete it and its record under records/, then rerun the prepare command")
+            for key, members in sorted(found.items()):
                 shard_of.append(shard_index)
                 keys.append(key)
                 spans.append([members.get(name, (-1, 0)) for name in MEMBERS])
