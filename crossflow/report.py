@@ -9,7 +9,8 @@ lays them out as the paper does:
 A row is a backbone: ``random``, ``random-rescaled``, a torchvision ImageNet AlexNet ("Class
 Labels"), or an exported crossflow backbone, named by its pretraining objective (cross-pixel
 similarity = "Ours", flow classification = "Ours direct", ``supervised`` = the AlexNet trained with
-the synthetic world's class labels, :mod:`crossflow.supervised`). Several results for the same row and
+the synthetic world's class labels, :mod:`crossflow.supervised`); a backbone fine-tuned with ``rebalance: true``
+has a row of its own below its plain one ("+ re-balancing"). Several results for the same row and
 column (runs with other seeds) are shown as mean ± sample standard deviation (n). Where the
 runs used the real datasets (a dataset folder without the synthetic world's ``synth.json``),
 the paper's published rows are printed beside ours.
@@ -47,6 +48,7 @@ PAPER = {
     "flow_classification": {"voc07_cls/mAP": 61.4, "voc07_det/mAP": 44.0, "voc12_seg/mIU": 37.1, "conv": (14.0, 22.6, 25.3, 25.0, 23.0)},
     "cross_pixel": {"voc07_cls/mAP": 64.4, "voc07_det/mAP": 50.3, "voc12_seg/mIU": 41.4, "conv": (15.0, 24.8, 28.9, 29.4, 28.0)},
 }
+REBALANCED = "+rebalanced"  # the suffix of a row fine-tuned with the eval's `rebalance: true`
 SYNTHETIC_MARKER = "synth.json"  # written by `crossflow synth` at the root of every synthetic dataset
 
 
@@ -69,16 +71,23 @@ def paper_value(row: str, benchmark: str, metric: str) -> float | None:
 
 
 def row_of(record: dict) -> str:
-    """The table row of a results.json record: its backbone spec, or the backbone file's kind."""
+    """The table row of a results.json record: its backbone spec, or the backbone file's kind, with the suffix
+    ``REBALANCED`` where the eval re-balanced it (``random-rescaled`` always is: no suffix)."""
     spec = str(record.get("backbone", ""))
     if spec in ("random", "random-rescaled"):
-        return spec.replace("-", "_")
-    kind = (record.get("backbone_source") or {}).get("objective") or record.get("backbone_kind")
-    if kind in ROWS:
-        return kind
-    if kind == "torchvision":
-        return "class_labels"
-    return spec  # an unknown file: its own row, named by its path
+        row = spec.replace("-", "_")
+    else:
+        kind = (record.get("backbone_source") or {}).get("objective") or record.get("backbone_kind")
+        row = kind if kind in ROWS else "class_labels" if kind == "torchvision" else spec  # an unknown file: its path
+    rebalanced = (record.get("config", {}).get("model") or {}).get("rebalance") and row != "random_rescaled"
+    return row + REBALANCED if rebalanced else row
+
+
+def row_label(row: str) -> tuple[str, str]:
+    """A row's (label, supervision) in the tables."""
+    base = row.removesuffix(REBALANCED)
+    label, supervision = ROWS.get(base, (f"`{base}`", "?"))
+    return (f"{label} + re-balancing (Kraehenbuehl et al.)" if row.endswith(REBALANCED) else label), supervision
 
 
 def is_synthetic(record: dict) -> bool | None:
@@ -121,8 +130,10 @@ def cell(values: list[float]) -> str:
 
 
 def ordered_rows(results: list[Result]) -> list[str]:
+    """The rows present, in ``ROWS``' order (each re-balanced row after its plain one), then unknown ones sorted."""
     present = {r.row for r in results}
-    return [row for row in ROWS if row in present] + sorted(present - set(ROWS))
+    known = [row for base in ROWS for row in (base, base + REBALANCED) if row in present]
+    return known + sorted(present - set(known))
 
 
 def table(results: list[Result], columns: tuple, with_paper: bool) -> str:
@@ -130,7 +141,7 @@ def table(results: list[Result], columns: tuple, with_paper: bool) -> str:
     header = ["method", "supervision", *(title for _, _, title in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in ordered_rows(results):
-        label, supervision = ROWS.get(row, (f"`{row}`", "?"))
+        label, supervision = row_label(row)
         values = [cell(values_of(results, row, bench, metric)) for bench, metric, _ in columns]
         if all(v == "-" for v in values):
             continue
@@ -171,7 +182,7 @@ def log_to_wandb(markdown: str, results: list[Result], out_dir: Path) -> str:
         for bench, metric, _ in TABLE1 + TABLE2:
             values = values_of(results, row, bench, metric)
             if values:
-                rows.append([ROWS.get(row, (row,))[0], bench, metric, 100 * statistics.mean(values), len(values)])
+                rows.append([row_label(row)[0], bench, metric, 100 * statistics.mean(values), len(values)])
     run = wandb.init(project="crossflow", job_type="report", dir=str(out_dir), reinit="finish_previous")
     run.log({"tables": wandb.Table(columns=columns, data=rows), "report": wandb.Html(f"<pre>{markdown}</pre>")})
     run.finish()

@@ -32,7 +32,7 @@ from crossflow.files import write_text_atomic
 from crossflow.models import load_backbone
 from crossflow.models.alexnet import CONV_LAYERS, AlexNet
 from crossflow.models.backbone import file_sha256, read_backbone_file
-from crossflow.models.rescale import data_dependent_rescale, rescale_within_layers
+from crossflow.models.rescale import data_dependent_rescale, rebalance, rescale_within_layers
 
 RANDOM_BACKBONE = "random"
 RESCALED_BACKBONE = "random-rescaled"
@@ -116,28 +116,35 @@ def setup_backbone(module: L.LightningModule, network: AlexNet, stage: str) -> N
     - a backbone file with ``untrained_layers`` (layers its pretraining never ran, e.g. fc6/fc7 of a 128 px
       demo pretraining): those layers, within-layer (Algorithm 1: each channel's pre-activation standardised on
       the images, the trained layers below them as they are), so that no row carries unscaled random layers;
-    - ``random`` and every trained layer: nothing.
+    - ``random`` and every trained layer: nothing;
+    - with the eval's ``rebalance: true``, then the between-layer step over every layer the images reach
+      (Kraehenbuehl et al.'s "re-balancing" of a trained network, :func:`crossflow.models.rescale.rebalance`; the
+      paper reports its results without it). ``random-rescaled`` has it anyway.
 
     The images are :func:`training_images` of the datamodule's training set (``RESCALE_IMAGES`` of them, with
     the eval's own augmentation and crop size, fixed by ``RESCALE_SEED``). The rescaling happens at no other
     stage: at ``test`` (or when a fit resumes) the fitted weights come from the checkpoint, which Lightning
     loads after ``setup``. DDP ranks compute the same weights (and DDP broadcasts rank 0's anyway).
     """
-    spec = module.hparams.backbone
+    spec, rebalanced = module.hparams.backbone, module.hparams.get("rebalance", False)
     if stage == "fit" and module.fitted_backbone is None and module.trainer.is_global_zero:  # rank 0 writes checkpoints
         module.fitted_backbone = backbone_identity(spec)
     untrained = list(CONV_LAYERS) if spec == RESCALED_BACKBONE else file_untrained_layers(spec)
-    if stage != "fit" or not untrained:
+    if stage != "fit" or not (untrained or rebalanced):
         return
     datamodule = module.trainer.datamodule
     if datamodule is None:
-        raise InvalidInputError(f"backbone {spec} needs a datamodule: its training images fit the rescaling of {', '.join(untrained)}")
+        raise InvalidInputError(f"backbone {spec} needs a datamodule: its training images fit its rescaling")
     images = training_images(datamodule.train_dataloader().dataset, RESCALE_IMAGES, RESCALE_SEED)
     layers = rescale_untrained_layers(network, spec, images)
-    how = "(Kraehenbuehl et al.)" if spec == RESCALED_BACKBONE else "within-layer, never trained by its pretraining"
-    unreached = [name for name in untrained if name not in layers]
-    left = f"; {', '.join(unreached)} left at the random initialisation (the images are too small for them)" if unreached else ""
-    rank_zero_info(f"{spec}: {', '.join(layers) or 'no layer'} rescaled {how} on {len(images)} training images{left}")
+    if untrained:
+        how = "(Kraehenbuehl et al.)" if spec == RESCALED_BACKBONE else "within-layer, never trained by its pretraining"
+        unreached = [name for name in untrained if name not in layers]
+        left = f"; {', '.join(unreached)} left at the random initialisation (the images are too small for them)" if unreached else ""
+        rank_zero_info(f"{spec}: {', '.join(layers) or 'no layer'} rescaled {how} on {len(images)} training images{left}")
+    if rebalanced and spec != RESCALED_BACKBONE:
+        calibrated = rebalance(network, images, seed=RESCALE_SEED)
+        rank_zero_info(f"{spec}: {', '.join(calibrated)} re-balanced (Kraehenbuehl et al.'s between-layer step) on {len(images)} training images")
 
 
 def rescale_untrained_layers(network: AlexNet, spec: str | None, images: Sequence[Tensor]) -> list[str]:

@@ -149,6 +149,8 @@ class VOC07Classification(BackboneProvenance, L.LightningModule):
 
     Args:
         backbone: a backbone file (crossflow export or torchvision AlexNet), "random" or "random-rescaled".
+        rebalance: re-balance the backbone before fine-tuning (Kraehenbuehl et al.'s between-layer step alone, as
+            magic_init does to a trained network; :func:`evals.common.setup_backbone`). The paper reports without it.
         train_layers: "all" (the paper), "fc6-8" (fc6, fc7 and the new layer) or "new" (the new layer only).
         dropout: dropout after fc6 and after fc7 (while training).
     """
@@ -156,6 +158,7 @@ class VOC07Classification(BackboneProvenance, L.LightningModule):
     def __init__(
         self,
         backbone: str = "random",
+        rebalance: bool = False,
         train_layers: Literal["all", "fc6-8", "new"] = "all",
         dropout: float = 0.5,
         lr: float = 1e-3,

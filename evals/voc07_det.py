@@ -165,6 +165,8 @@ class VOC07Detection(BackboneProvenance, L.LightningModule):
 
     Args:
         backbone: a backbone file (crossflow export or torchvision AlexNet), "random" or "random-rescaled".
+        rebalance: re-balance the backbone before fine-tuning (Kraehenbuehl et al.'s between-layer step alone, as
+            magic_init does to a trained network; :func:`evals.common.setup_backbone`). The paper reports without it.
         train_conv1: whether conv1 is fine-tuned (Fast R-CNN froze it for CaffeNet).
         dropout: after fc6 and fc7.
         lr, momentum, weight_decay, lr_step, lr_gamma: SGD, lr times ``lr_gamma`` every ``lr_step`` iterations.
@@ -177,6 +179,7 @@ class VOC07Detection(BackboneProvenance, L.LightningModule):
     def __init__(
         self,
         backbone: str = "random",
+        rebalance: bool = False,
         train_conv1: bool = True,
         dropout: float = 0.5,
         lr: float = 0.002,

@@ -332,6 +332,8 @@ class VOC12Segmentation(BackboneProvenance, L.LightningModule):
 
     Args:
         backbone: a backbone file (crossflow export or torchvision AlexNet), ``"random"`` or ``"random-rescaled"``.
+        rebalance: re-balance the backbone before fine-tuning (Kraehenbuehl et al.'s between-layer step alone, as
+            magic_init does to a trained network; :func:`evals.common.setup_backbone`). The paper reports without it.
         taps: backbone layers of the hypercolumn.
         hidden_dim: width of the MLP's hidden layer.
         stage1_steps: optimiser steps of stage one (head only, backbone frozen); stage two follows until
@@ -344,6 +346,7 @@ class VOC12Segmentation(BackboneProvenance, L.LightningModule):
     def __init__(
         self,
         backbone: str = "random",
+        rebalance: bool = False,
         taps: tuple[str, ...] = TAPS,
         hidden_dim: int = 1024,
         stage1_steps: int = 10000,

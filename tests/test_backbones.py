@@ -23,6 +23,7 @@ from crossflow.models.backbone import BACKBONE_FORMAT, file_sha256
 from evals import common
 from evals.common import backbone_identity, training_images
 from evals.linear_probe import ImageNetData, LinearProbe
+from evals.voc07_cls import VOC07Classification, VOC07ClassificationData
 
 from .test_configs import tiny_world  # noqa: F401 (the synthetic VOC and ImageFolder worlds, a fixture)
 from .conftest import REPO
@@ -207,6 +208,62 @@ def test_between_layer_rescaling_equalises_change_rates_and_keeps_layers_standar
     for name, values in pre_activations(network, images, layers).items():  # each layer: mean 0, one std for all channels
         std = values.std(1, correction=0)
         assert values.mean(1).abs().max() < 1e-3 * std.mean() and (std / std.mean() - 1).abs().max() < 1e-3, name
+
+
+def taps_of(network: AlexNet, images: torch.Tensor, layers=CONV_LAYERS[:5]) -> dict[str, torch.Tensor]:
+    """Each conv layer's output after its ReLU on ``images [B, 3, H, W]``."""
+    with torch.no_grad():
+        return network(images, tuple(layers))
+
+
+def assert_scaled_copies(scaled: dict[str, torch.Tensor], original: dict[str, torch.Tensor], layers) -> None:
+    """Each layer's output is one positive factor times the original's, and the factors are not all 1."""
+    factors = {name: float(scaled[name].norm() / original[name].norm()) for name in layers}
+    for name, factor in factors.items():
+        atol = 1e-5 * float(scaled[name].abs().max())
+        torch.testing.assert_close(scaled[name], factor * original[name], rtol=1e-4, atol=atol, msg=name)
+    assert max(abs(factor - 1) for factor in factors.values()) > 0.1, factors
+
+
+def test_rebalancing_a_trained_network_scales_each_layer_by_one_factor_and_equalises_change_rates():
+    """magic_init on a loaded network (-l FILE -cs): no layer re-initialised, only the between-layer step. ReLU and max
+    pooling are positively homogeneous, so each layer's output becomes one positive factor times the old one."""
+    torch.manual_seed(0)
+    network = AlexNet()
+    images = list(smooth_images(4, 128, 128))
+    rescale.rescale_within_layers(network, images)  # standardised layers, as a batch-norm-folded export has
+    batches = rescale.batches_by_size(images)
+    spread = lambda rates: max(rates.values()) / min(rates.values())  # noqa: E731
+    layers = list(CONV_LAYERS[:5])  # what 128 px reaches
+    before_rates = spread(rescale.change_rates(network, batches, layers, torch.Generator().manual_seed(1))[0])
+    before = taps_of(network, batches[0])
+    assert rescale.rebalance(network, images) == layers
+    after = taps_of(network, batches[0])
+    assert_scaled_copies(after, before, layers)
+    after_rates = spread(rescale.change_rates(network, batches, layers, torch.Generator().manual_seed(1))[0])
+    assert before_rates > 3 and after_rates < 1.5, (before_rates, after_rates)
+
+
+def test_an_eval_rebalances_a_backbone_file_only_when_asked(tiny_world, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(common, "RESCALE_IMAGES", 4)
+    monkeypatch.setattr(rescale, "BETWEEN_LAYER_ITERATIONS", 1)
+    torch.manual_seed(0)
+    network = AlexNet(batch_norm=True).train()
+    with torch.no_grad():
+        network(smooth_images(2, 224, 224), ("fc7",))  # every layer ran: nothing for the untrained-layer rule
+    path = save_backbone(network, tmp_path / "trained.pt")
+    exported = load_backbone(path)
+    data = VOC07ClassificationData(str(tiny_world["voc"]), batch_size=2, test_batch_size=2, test_crops=1, num_workers=0)
+    fitted = {}
+    for rebalanced in (False, True):
+        model = VOC07Classification(backbone=str(path), rebalance=rebalanced, lr=0.0)  # lr 0: the weights are the start's
+        L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(model, datamodule=data)
+        fitted[rebalanced] = model.network
+    images = torch.stack(training_images(data.train_set, 4, common.RESCALE_SEED))
+    original, plain, rebalanced = (taps_of(net, images, CONV_LAYERS) for net in (exported, fitted[False], fitted[True]))
+    for name in CONV_LAYERS:
+        torch.testing.assert_close(plain[name], original[name], msg=name)
+    assert_scaled_copies(rebalanced, original, CONV_LAYERS)
 
 
 def test_fit_rescales_on_the_evals_training_images_and_test_keeps_the_fitted_weights(tiny_world, tmp_path, monkeypatch):  # noqa: F811

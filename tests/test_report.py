@@ -12,14 +12,16 @@ from crossflow.cli import main as crossflow_main
 from crossflow.report import find_results, report
 
 
-def write_result(path: Path, benchmark: str, metrics: dict, backbone: str, objective: str | None = None, root: Path | None = None) -> None:
+def write_result(
+    path: Path, benchmark: str, metrics: dict, backbone: str, objective: str | None = None, root: Path | None = None, rebalance: bool = False
+) -> None:
     record = {
         "benchmark": benchmark,
         "metrics": metrics,
         "per_class": {},
         "backbone": backbone,
         "backbone_sha256": None,
-        "config": {"model": {}, "data": {"root": str(root) if root else None}},
+        "config": {"model": {"rebalance": rebalance}, "data": {"root": str(root) if root else None}},
     }
     if objective:
         record["backbone_source"] = {"objective": objective}
@@ -61,6 +63,20 @@ def test_tables_rows_columns_and_seed_spread(tmp_path, synthetic_root):
     ]
     assert "\n".join(table1) in markdown and "\n".join(table2) in markdown
     assert "synthetic world" in markdown and "paper" not in markdown  # no published rows beside synthetic runs
+
+
+def test_a_rebalanced_backbone_has_its_own_row_below_its_plain_one(tmp_path, synthetic_root):
+    runs = tmp_path / "runs"
+    write_result(runs / "plain", "voc07_det", {"mAP": 0.30}, "o/backbone.pt", "cross_pixel", synthetic_root)
+    write_result(runs / "rebalanced", "voc07_det", {"mAP": 0.40}, "o/backbone.pt", "cross_pixel", synthetic_root, rebalance=True)
+    write_result(runs / "rr", "voc07_det", {"mAP": 0.35}, "random-rescaled", root=synthetic_root, rebalance=True)  # always rebalanced
+    lines = report(find_results([str(runs)])).splitlines()
+    rows = [line for line in lines if line.startswith("| R") or line.startswith("| O")]
+    assert rows == [
+        "| Random-rescaled (Kraehenbuehl et al.) | - | - | 35.0 | - |",
+        "| Ours (cross-pixel flow similarity) | Optical flow | - | 30.0 | - |",
+        "| Ours (cross-pixel flow similarity) + re-balancing (Kraehenbuehl et al.) | Optical flow | - | 40.0 | - |",
+    ]
 
 
 def test_real_data_runs_print_the_papers_rows(tmp_path):

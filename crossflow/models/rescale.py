@@ -43,6 +43,10 @@ random, the measured ``C_k`` are noisy and the 1% rule seldom stops the loop ear
 already brings them within about 10-20% of each other (measured with a new g). ``C_k`` is the
 RMS ratio of magic_init's latest version (an earlier one used mean absolute values).
 
+**Re-balancing a trained network** (:func:`rebalance`): magic_init run on a pretrained model (``-l FILE -cs``)
+re-initialises no trained layer and applies only the between-layer step, the "re-balancing trick" that the
+cross-pixel paper reports its results without (an eval's ``rebalance: true``).
+
 Not done here: magic_init's data-dependent *weights* (its PCA and k-means variants, other rows of
 their tables) and its empirical correction for non-homogeneous layers (LRN), which this AlexNet lacks.
 """
@@ -56,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crossflow.models.alexnet import LAYERS, AlexNet, LayerSpec
+from crossflow.models.alexnet import CONV_LAYERS, LAYERS, AlexNet, LayerSpec
 
 BETWEEN_LAYER_IMAGES = 16  # magic_init's between-layer step runs on one batch (-bs 16)
 BETWEEN_LAYER_ITERATIONS = 10
@@ -70,11 +74,27 @@ def data_dependent_rescale(network: AlexNet, images: Sequence[Tensor], seed: int
     rescaled layer; ``seed`` fixes its random backward signals. Returns the rescaled layers.
     """
     layers = rescale_within_layers(network, images)
+    rebalance(network, images, layers, seed)
+    return layers
+
+
+def rebalance(network: AlexNet, images: Sequence[Tensor], layers: Sequence[str] | None = None, seed: int = 0) -> list[str]:
+    """The between-layer step alone on ``network`` in place: Kraehenbuehl et al.'s "re-balancing" of a trained
+    network (magic_init ``-l FILE -cs``: a loaded network's layers are not re-initialised, only calibrated).
+
+    ``layers``: conv1 up to the deepest layer any image reaches (default); the step runs on the first
+    ``BETWEEN_LAYER_IMAGES`` images that reach the last of them, ``seed`` fixing its random backward signals. Every
+    channel keeps its function up to one positive factor per layer (ReLU and max pooling are positively
+    homogeneous). Returns the layers calibrated.
+    """
+    if layers is None:
+        largest = max((min(image.shape[-2:]) for image in images), default=0)
+        layers = [name for name in CONV_LAYERS if network.min_input_size(name) <= largest]
     if layers:
         deepest = network.min_input_size(layers[-1])
         reaching = [image for image in images if min(image.shape[-2:]) >= deepest][:BETWEEN_LAYER_IMAGES]
         rescale_between_layers(network, reaching, layers, torch.Generator().manual_seed(seed), BETWEEN_LAYER_ITERATIONS)
-    return layers
+    return list(layers)
 
 
 @torch.no_grad()
