@@ -4,8 +4,9 @@ Reads real shards written by ``crossflow prepare`` from the clips in ``../shared
 once into ``--work``: stored short side 256 for the paper config, 144 for the demo, as ``make pretrain``).
 One process, one thread for torch and OpenCV, so the figure is per core. Times whole samples
 (``dataset[i]`` and the batch's ``collate_skipping_failures``), then splits one sample into its stages:
-read (the members' bytes), frame decode (JPEG -> RGB), flow decode, augmentation (scale, crop, flip of
-the frame, and the image normalisation) and point sampling (N points, their flow, eq. 6).
+read (the members' bytes), frame decode (JPEG -> RGB), flow decode (for ``flow.u8.lz4``: decompression and the
+level tables; the levels are dequantised at the points' taps, in point sampling), augmentation (scale, crop, flip
+of the frame, and the image normalisation) and point sampling (N points, their flow, eq. 6).
 With ``--augment-on-device`` the workers only cut the stored pixels under each crop (``augment_on_device``
 of the DataModule: the warp and normalisation run on the training device, outside these CPU figures).
 Rows are kept per ``--label`` in the results file, so earlier code's figures stay in the same table.

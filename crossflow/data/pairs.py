@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from crossflow.data.resumable import ResumableLoader
 from crossflow.errors import InvalidInputError, MissingInputError
 from crossflow.files import write_text_atomic
-from crossflow.flow import FLOW_MEMBERS, decode_flow_member, normalize_flow
+from crossflow.flow import FLOW_MEMBERS, QuantisedFlow, decode_flow_member, normalize_flow
 from crossflow.models.backbone import IMAGE_MEAN, IMAGE_STD
 
 PAIRS_FORMAT = "crossflow-pairs"
@@ -95,9 +95,10 @@ class CropTransform:
         return np.array([-self.scale[0] if self.flip else self.scale[0], self.scale[1]], np.float32)
 
 
-def _neighbours(coords: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bilinear taps along one axis of ``length``: (i0, i1, w) with value ``(1 - w) f[i0] + w f[i1]``; coordinates
-    clamped to the border as cv2.resize does, and ``i1 = i0`` where ``w = 0`` (so a tap of zero weight is never read)."""
+def _neighbours(coords: np.ndarray, length: int | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps along one axis of ``length`` (or axes: ``length`` broadcast against ``coords``): (i0, i1, w) with
+    value ``(1 - w) f[i0] + w f[i1]``; coordinates clamped to the border as cv2.resize does, and ``i1 = i0`` where
+    ``w = 0`` (so a tap of zero weight is never read)."""
     coords = np.clip(coords, 0, length - 1)
     i0 = np.floor(coords).astype(np.intp)
     weight = (coords - i0).astype(np.float32)
@@ -115,16 +116,20 @@ def crop_valid(valid: np.ndarray, transform: CropTransform) -> np.ndarray:
     return rows0[:, x0] & rows0[:, x1] & rows1[:, x0] & rows1[:, x1]
 
 
-def flow_at(flow: np.ndarray, transform: CropTransform, points: np.ndarray) -> np.ndarray:
+def flow_at(flow: np.ndarray | QuantisedFlow, transform: CropTransform, points: np.ndarray) -> np.ndarray:
     """Flow of the transformed crop at crop pixels ``points [N, 2]`` (x, y) -> ``[N, 2]`` pixels, read bilinearly
-    from the stored ``flow [H, W, 2]`` and scaled (u negated on a flip). Own gather rather than cv2.remap, which
-    rounds positions to 1/32 px; N = 512 points cost microseconds."""
-    x0, x1, wx = _neighbours(transform.source_x(points[:, 0].astype(np.float64)), flow.shape[1])
-    y0, y1, wy = _neighbours(transform.source_y(points[:, 1].astype(np.float64)), flow.shape[0])
-    wx, wy = wx[:, None], wy[:, None]
-    top = flow[y0, x0] * (1 - wx) + flow[y0, x1] * wx
-    bottom = flow[y1, x0] * (1 - wx) + flow[y1, x1] * wx
-    return (top * (1 - wy) + bottom * wy) * transform.vector_scale()
+    from the stored ``flow [H, W, 2]`` (or its :class:`QuantisedFlow`: only the taps are dequantised) and scaled
+    (u negated on a flip). Own gather rather than cv2.remap, which rounds positions to 1/32 px."""
+    xs, ys = points.T.astype(np.float64)
+    # both axes in one pass, and the four taps of every point in one gather, as component planes [2, 4 N]: NumPy's
+    # per-call cost, not the arithmetic, is what N = 512 points spend their time on
+    (x0, y0), (x1, y1), (wx, wy) = _neighbours(np.stack([transform.source_x(xs), transform.source_y(ys)]),
+                                               np.array([[flow.shape[1]], [flow.shape[0]]]))
+    taps = flow[np.concatenate([y0, y0, y1, y1]), np.concatenate([x0, x1, x0, x1])].T
+    f00, f01, f10, f11 = taps.reshape(2, 4, len(points)).transpose(1, 0, 2)
+    top = f00 * (1 - wx) + f01 * wx
+    bottom = f10 * (1 - wx) + f11 * wx
+    return np.ascontiguousarray(((top * (1 - wy) + bottom * wy) * transform.vector_scale()[:, None]).T)
 
 
 def all_pixels(size: int) -> np.ndarray:
@@ -136,20 +141,22 @@ def all_pixels(size: int) -> np.ndarray:
 def cut_window(frame: np.ndarray, transform: CropTransform) -> tuple[np.ndarray, np.ndarray]:
     """The stored pixels a crop's bilinear taps read: (``frame[y0:y1, x0:x1]`` [h, w, 3], ``[2, 3]`` float32 affine
     crop pixel -> window pixel). Border replication needs no pixel outside: taps are clamped into the frame."""
-    size = np.arange(transform.size, dtype=np.float64)[[0, -1]]
-    xs, ys = transform.source_x(size), transform.source_y(size)
-    x0, x1 = (int(np.clip(np.floor(v), 0, frame.shape[1] - 1)) for v in (xs.min(), xs.max()))
-    y0, y1 = (int(np.clip(np.floor(v), 0, frame.shape[0] - 1)) for v in (ys.min(), ys.max()))
+    ends = np.float64([0, transform.size - 1])
+    x0, x1 = np.clip(np.floor(np.sort(transform.source_x(ends))), 0, frame.shape[1] - 1).astype(int)
+    y0, y1 = np.clip(np.floor(transform.source_y(ends)), 0, frame.shape[0] - 1).astype(int)
     matrix = transform.matrix() - np.array([[0, 0, x0], [0, 0, y0]])
     return frame[y0:y1 + 2, x0:x1 + 2], matrix.astype(np.float32)
 
 
 def pad_windows(windows: list[np.ndarray]) -> torch.Tensor:
     """Windows of different sizes -> ``[B, h, w, 3]`` uint8, each padded at its bottom and right by repeating its
-    edge (so border clamping in :func:`warp_windows` replicates the same pixels as the frame's own border)."""
+    edge (so border clamping in :func:`warp_windows` replicates the same pixels as the frame's own border). Each is
+    written once, in place into the batch (np.pad then np.stack copied it twice, at 4x the time)."""
     height, width = max(w.shape[0] for w in windows), max(w.shape[1] for w in windows)
-    return torch.from_numpy(np.stack([np.pad(w, ((0, height - w.shape[0]), (0, width - w.shape[1]), (0, 0)), mode="edge")
-                                      for w in windows]))
+    batch = np.empty((len(windows), height, width, 3), np.uint8)
+    for out, w in zip(batch, windows):
+        cv2.copyMakeBorder(w, 0, height - w.shape[0], 0, width - w.shape[1], cv2.BORDER_REPLICATE, dst=out)
+    return torch.from_numpy(batch)
 
 
 def warp_windows(windows: torch.Tensor, matrices: torch.Tensor, size: int) -> torch.Tensor:
@@ -357,9 +364,10 @@ class PairShards(Dataset):
         return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
     @staticmethod
-    def decode_flow(members: tuple[bytes, bytes, str]) -> tuple[np.ndarray, np.ndarray]:
-        """The flow member -> (flow ``[H, W, 2]`` float32 px, valid ``[H, W]`` bool), by its format."""
-        return decode_flow_member(members[2], members[1])
+    def decode_flow(members: tuple[bytes, bytes, str]) -> tuple[np.ndarray | QuantisedFlow, np.ndarray]:
+        """The flow member -> (flow ``[H, W, 2]`` float32 px, valid ``[H, W]`` bool), by its format; ``flow.u8.lz4``
+        stays quantised (:class:`QuantisedFlow`): :func:`flow_at` dequantises only the N points' taps."""
+        return decode_flow_member(members[2], members[1], quantised=True)
 
     def rng(self, key: str) -> np.random.Generator:
         """Training: a stream per (seed, epoch, key); evaluation: per key only, the same every epoch."""
