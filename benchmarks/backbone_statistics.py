@@ -7,8 +7,11 @@ training images of the VOC07 classification eval, as ``evals.common.setup_backbo
 
 - the pre-activation ``z`` (the conv's output, before the ReLU): mean over channels of the per-channel mean,
   mean over channels of the per-channel std, and the std over channels of the per-channel std;
-- the activation ``a = relu(z)`` (the tap): mean |a|, the share of zeros, and the share of dead channels
-  (zero at every position of every image).
+- the activation ``a = relu(z)`` (the tap): mean |a|, the share of zeros, the share of dead channels
+  (zero at every position of every image), and its effective dimension: the participation ratio
+  ``(sum_i l_i)^2 / sum_i l_i^2`` of the eigenvalues ``l_i`` of the channels' correlation matrix over every image
+  and position (C when the channels are uncorrelated, 1 when one direction carries everything; correlation, not
+  covariance, so that channels of unequal scale do not count as fewer dimensions), as a share of the channels C.
 
 Images: ``--images`` inputs drawn from the VOC2007 ``test`` split of a ``crossflow synth voc`` folder, through
 the classification eval's own transform (random scale crop to 224 px, flips; the demo config's scales),
@@ -66,8 +69,20 @@ def layer_statistics(network, images: torch.Tensor, batch: int = 16) -> dict[str
         result[name] = {
             "z_mean": float(z.mean(dim=1).mean()), "z_std": float(channel_std.mean()), "z_std_spread": float(channel_std.std()),
             "a_mean": float(a.mean()), "zeros": float((a == 0).double().mean()), "dead": float((a.amax(dim=1) == 0).double().mean()),
+            "effective": participation_ratio(a) / len(a),
         }
     return result
+
+
+def participation_ratio(a: torch.Tensor) -> float:
+    """``(sum l)^2 / sum l^2`` of the eigenvalues of the correlation matrix of ``a [C, M]`` (C channels, M samples;
+    constant channels left out), computed as ``trace(S)^2 / ||S||_F^2`` of ``S = A A^T`` for the standardised ``A``
+    (or of the M x M Gram matrix when M < C: the same non-zero eigenvalues)."""
+    centred = a - a.mean(dim=1, keepdim=True)
+    norms = centred.norm(dim=1)
+    standard = centred[norms > 0] / norms[norms > 0, None]
+    gram = standard @ standard.T if len(standard) <= standard.shape[1] else standard.T @ standard
+    return float(gram.diagonal().sum() ** 2 / gram.square().sum()) if len(standard) else 0.0
 
 
 def describe(spec: str) -> str:
@@ -94,20 +109,23 @@ def main() -> None:
     test = VOC07ClassificationData(root=args.voc, crop_size=224, min_scale=0.5, max_scale=2.0, num_workers=0, train_split="test")
     test.setup("fit")  # the test split's images through the eval's training transform
     images = torch.stack(training_images(test.train_set, args.images, STATISTICS_SEED))
-    columns = ["backbone", "layer", "z mean", "z per-channel std: mean", "std over channels", "mean ‖a‖", "% zeros", "% dead channels"]
+    columns = ["backbone", "layer", "z mean", "z per-channel std: mean", "std over channels", "mean ‖a‖", "% zeros", "% dead channels",
+               "effective dimension of a, % of C"]
     lines = ["# backbone activation statistics", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for spec in [*args.backbones, "random", RESCALED_BACKBONE]:
         statistics = layer_statistics(build(spec, data.train_set), images)
         for name, s in statistics.items():
             lines.append(f"| {describe(spec)} | {name} | {s['z_mean']:.3g} | {s['z_std']:.3g} | {s['z_std_spread']:.3g} | "
-                         f"{s['a_mean']:.3g} | {100 * s['zeros']:.1f} | {100 * s['dead']:.1f} |")
+                         f"{s['a_mean']:.3g} | {100 * s['zeros']:.1f} | {100 * s['dead']:.1f} | {100 * s['effective']:.1f} |")
     lines += [
         "",
         f"- Images: {args.images} inputs of 224 px from the VOC2007 test split of {args.voc} ({len(test.train_set)} images), through "
         "the classification eval's transform (random scale crop, scales 0.5-2, flips), normalised; seed "
         f"{STATISTICS_SEED}. random-rescaled: rescaled on {RESCALE_IMAGES} trainval inputs (seed {RESCALE_SEED}), as evals/common.py does.",
         "- z: a layer's pre-activation (conv output); statistics per channel over every image and position, then "
-        "over channels; a = relu(z), the tap; a dead channel is zero at every position of every image.",
+        "over channels; a = relu(z), the tap; a dead channel is zero at every position of every image; effective dimension: "
+        "the participation ratio of a's channel correlation matrix over every image and position, as a share of the channels "
+        "(fc6 and fc7 have one position per image, so theirs is bounded by the image count).",
         f"- Machine: {platform.machine()}, torch {torch.__version__}; 2-core x86-64 CPU, 24 GB, no GPU; shared with other jobs.",
     ]
     write_text_atomic(args.out, "\n".join(lines) + "\n")
