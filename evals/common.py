@@ -136,25 +136,28 @@ def setup_backbone(module: L.LightningModule, network: AlexNet, stage: str) -> N
     if datamodule is None:
         raise InvalidInputError(f"backbone {spec} needs a datamodule: its training images fit its rescaling")
     images = training_images(datamodule.train_dataloader().dataset, RESCALE_IMAGES, RESCALE_SEED)
-    layers = rescale_untrained_layers(network, spec, images)
+    layers = rescale_untrained_layers(network, spec, images, rebalanced)
     if untrained:
         how = "(Kraehenbuehl et al.)" if spec == RESCALED_BACKBONE else "within-layer, never trained by its pretraining"
         unreached = [name for name in untrained if name not in layers]
         left = f"; {', '.join(unreached)} left at the random initialisation (the images are too small for them)" if unreached else ""
         rank_zero_info(f"{spec}: {', '.join(layers) or 'no layer'} rescaled {how} on {len(images)} training images{left}")
     if rebalanced and spec != RESCALED_BACKBONE:
-        calibrated = rebalance(network, images, seed=RESCALE_SEED)
-        rank_zero_info(f"{spec}: {', '.join(calibrated)} re-balanced (Kraehenbuehl et al.'s between-layer step) on {len(images)} training images")
+        rank_zero_info(f"{spec}: re-balanced (Kraehenbuehl et al.'s between-layer step) on {len(images)} training images")
 
 
-def rescale_untrained_layers(network: AlexNet, spec: str | None, images: Sequence[Tensor]) -> list[str]:
+def rescale_untrained_layers(network: AlexNet, spec: str | None, images: Sequence[Tensor], rebalanced: bool = False) -> list[str]:
     """The rule of :func:`setup_backbone` on ``network`` in place, with ``images``: ``random-rescaled`` gets
     Kraehenbuehl et al.'s within- and between-layer steps on every layer, a backbone file the within-layer step on
-    its ``untrained_layers``, anything else nothing. Returns the layers rescaled."""
+    its ``untrained_layers``, anything else nothing; then, if ``rebalanced``, every other backbone the between-layer
+    step on every layer the images reach. Returns the layers rescaled within-layer."""
     if spec == RESCALED_BACKBONE:
         return data_dependent_rescale(network, images, RESCALE_SEED)
     untrained = file_untrained_layers(spec)
-    return rescale_within_layers(network, images, only=untrained) if untrained else []
+    layers = rescale_within_layers(network, images, only=untrained) if untrained else []
+    if rebalanced:
+        rebalance(network, images, seed=RESCALE_SEED)
+    return layers
 
 
 def file_untrained_layers(spec: str | None) -> list[str]:
