@@ -29,6 +29,9 @@ REPRO_SEEDS ?= 0
 REPRO_PRETRAIN_SEEDS ?= 0 1 2
 REPRO_PRETRAIN_ARGS ?=
 REPRO_EVAL_ARGS ?=
+# torch threads of each pretraining and eval job: run `make -jN reproduce-demo` with N your cores, one thread a job
+REPRO_THREADS ?= 1
+REPRO_CROSSFLOW = OMP_NUM_THREADS=$(REPRO_THREADS) $(CROSSFLOW)
 DEMO_VIDEOS ?= 256
 DEMO_IMAGES ?= 300
 DEMO_IMAGES_PER_CLASS ?= 100
@@ -115,18 +118,18 @@ repro_results = $(foreach run,$(repro_runs),$(foreach bench,$(REPRO_BENCHMARKS),
 # The supervised row: the same AlexNet trained with the labels of $(DEMO_DIR)/imagenet_supervised (this explicit
 # rule takes precedence over the pattern rule below).
 $(REPRO)/pretrain/supervised/backbone.pt: $(DEMO_DIR)/imagenet_supervised/synth.json
-	$(CROSSFLOW) fit --config configs/pretrain/supervised_demo.yaml --data.init_args.root $(DEMO_DIR)/imagenet_supervised --trainer.default_root_dir $(REPRO)/pretrain/supervised --trainer.logger.init_args.name reproduce-supervised $(REPRO_PRETRAIN_ARGS)
-	$(CROSSFLOW) export $(REPRO)/pretrain/supervised/checkpoints/best.ckpt $@
+	$(REPRO_CROSSFLOW) fit --config configs/pretrain/supervised_demo.yaml --data.init_args.root $(DEMO_DIR)/imagenet_supervised --trainer.default_root_dir $(REPRO)/pretrain/supervised --trainer.logger.init_args.name reproduce-supervised $(REPRO_PRETRAIN_ARGS)
+	$(REPRO_CROSSFLOW) export $(REPRO)/pretrain/supervised/checkpoints/best.ckpt $@
 
 # $* = <objective>/pretrain_seed<P>
 $(REPRO)/pretrain/%/backbone.pt: $(DEMO_DIR)/pairs/index.json
-	$(CROSSFLOW) fit --config configs/pretrain/demo.yaml --data.init_args.data_dir $(DEMO_DIR)/pairs --model.init_args.objective $(firstword $(subst /, ,$*)) --seed_everything $(patsubst pretrain_seed%,%,$(notdir $*)) --trainer.default_root_dir $(REPRO)/pretrain/$* --trainer.logger.init_args.name reproduce-$(subst /,-,$*) $(REPRO_PRETRAIN_ARGS)
-	$(CROSSFLOW) export $(REPRO)/pretrain/$*/checkpoints/best.ckpt $@
+	$(REPRO_CROSSFLOW) fit --config configs/pretrain/demo.yaml --data.init_args.data_dir $(DEMO_DIR)/pairs --model.init_args.objective $(firstword $(subst /, ,$*)) --seed_everything $(patsubst pretrain_seed%,%,$(notdir $*)) --trainer.default_root_dir $(REPRO)/pretrain/$* --trainer.logger.init_args.name reproduce-$(subst /,-,$*) $(REPRO_PRETRAIN_ARGS)
+	$(REPRO_CROSSFLOW) export $(REPRO)/pretrain/$*/checkpoints/best.ckpt $@
 
 define repro_eval
 $(REPRO)/$(1)/$(2)/seed$(3)/results.json: $(filter %.pt,$(call repro_backbone,$(1))) $(call repro_data,$(2))/synth.json
-	$(CROSSFLOW) fit --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --data.init_args.root $(call repro_data,$(2)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(subst /,-,$(1))-$(2)-seed$(3) $(REPRO_EVAL_ARGS)
-	$(CROSSFLOW) test --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --data.init_args.root $(call repro_data,$(2)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(subst /,-,$(1))-$(2)-seed$(3) --ckpt_path last $(REPRO_EVAL_ARGS)
+	$(REPRO_CROSSFLOW) fit --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --data.init_args.root $(call repro_data,$(2)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(subst /,-,$(1))-$(2)-seed$(3) $(REPRO_EVAL_ARGS)
+	$(REPRO_CROSSFLOW) test --config configs/eval/demo_$(2).yaml --model.init_args.backbone $(call repro_backbone,$(1)) --data.init_args.root $(call repro_data,$(2)) --seed_everything $(3) --trainer.default_root_dir $(REPRO)/$(1)/$(2)/seed$(3) --trainer.logger.init_args.name reproduce-$(subst /,-,$(1))-$(2)-seed$(3) --ckpt_path last $(REPRO_EVAL_ARGS)
 endef
 $(foreach run,$(repro_runs),$(foreach bench,$(REPRO_BENCHMARKS),$(foreach seed,$(REPRO_SEEDS),$(eval $(call repro_eval,$(run),$(bench),$(seed))))))
 
