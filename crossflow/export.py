@@ -32,6 +32,19 @@ def pretraining_from_checkpoint(path: str | Path, checkpoint: dict) -> CrossFlow
     return module_from_checkpoint(CrossFlowPretraining, checkpoint)
 
 
+# Hyper-parameters that repeat a pretraining rather than change it (paths, worker counts, seeds, class names).
+NOT_SETTINGS = {"_class_path", "_instantiator", "data_dir", "root", "num_workers", "seed"}
+
+
+def pretraining_settings(content: dict) -> dict:
+    """A checkpoint's model and data hyper-parameters, less ``NOT_SETTINGS``: what makes two pretrainings of one
+    objective different methods rather than repeats (``crossflow report`` gives each its own row)."""
+    return {
+        part: {k: v for k, v in sorted(content.get(key, {}).items()) if k not in NOT_SETTINGS}
+        for part, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters"))
+    }
+
+
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     content = load_checkpoint(checkpoint, "crossflow pretraining checkpoint")
     if is_supervised_checkpoint(content):
@@ -41,7 +54,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     else:
         module = pretraining_from_checkpoint(checkpoint, content)
         source = {"checkpoint": str(checkpoint), "objective": module.hparams.objective, "taps": list(module.hparams.taps)}
-    return save_backbone(module.backbone, out, source=source)
+    return save_backbone(module.backbone, out, source={**source, "settings": pretraining_settings(content)})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,9 @@ A row is a backbone: ``random``, ``random-rescaled``, a torchvision ImageNet Ale
 Labels"), or an exported crossflow backbone, named by its pretraining objective (cross-pixel
 similarity = "Ours", flow classification = "Ours direct", ``supervised`` = the AlexNet trained with
 the synthetic world's class labels, :mod:`crossflow.supervised`); a backbone fine-tuned with ``rebalance: true``
-has a row of its own below its plain one ("+ re-balancing"). Several results for the same row and
+has a row of its own below its plain one ("+ re-balancing"), and pretrainings of one objective whose recorded
+settings differ (the backbone file's ``source.settings``: model and data hyper-parameters, seeds left out) get a
+row each, labelled by the settings that differ. Several results for the same row and
 column (runs with other seeds) are shown as mean ± sample standard deviation (n). Where the
 runs used the real datasets (a dataset folder without the synthetic world's ``synth.json``),
 the paper's published rows are printed beside ours.
@@ -22,7 +24,8 @@ import argparse
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from crossflow.errors import InvalidInputError, MissingInputError
@@ -54,13 +57,20 @@ SYNTHETIC_MARKER = "synth.json"  # written by `crossflow synth` at the root of e
 
 @dataclass(frozen=True)
 class Result:
-    """One eval run: which backbone (row), which benchmark, its metrics (fractions), real or synthetic data."""
+    """One eval run: which backbone (row, and its pretraining's ``settings``, the variant that ``split_variants``
+    names when a row's runs differ in them), which benchmark, its metrics (fractions), real or synthetic data."""
 
     row: str
     benchmark: str
     metrics: dict
     synthetic: bool | None  # None: the dataset folder is gone, so unknown
     path: Path
+    settings: dict | None = None  # None: not recorded (random backbones, files exported before it was)
+    variant: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.row, self.variant
 
 
 def paper_value(row: str, benchmark: str, metric: str) -> float | None:
@@ -83,11 +93,36 @@ def row_of(record: dict) -> str:
     return row + REBALANCED if rebalanced else row
 
 
-def row_label(row: str) -> tuple[str, str]:
-    """A row's (label, supervision) in the tables."""
+def row_label(key: tuple[str, str]) -> tuple[str, str]:
+    """A row's (label, supervision) in the tables; ``key`` is (row, variant)."""
+    row, variant = key
     base = row.removesuffix(REBALANCED)
     label, supervision = ROWS.get(base, (f"`{base}`", "?"))
-    return (f"{label} + re-balancing (Kraehenbuehl et al.)" if row.endswith(REBALANCED) else label), supervision
+    label = f"{label} + re-balancing (Kraehenbuehl et al.)" if row.endswith(REBALANCED) else label
+    return (f"{label} [{variant}]" if variant else label), supervision
+
+
+def flat_settings(settings: dict | None) -> dict:
+    """``{"model": {"lr": 1e-4}, ...}`` -> ``{"model.lr": "0.0001", ...}``; ``{}`` when not recorded."""
+    return {f"{part}.{k}": json.dumps(v) for part, values in (settings or {}).items() for k, v in values.items()}
+
+
+def split_variants(results: list[Result]) -> list[Result]:
+    """Where the runs of one row come from pretrainings with different settings, name each run's variant by the
+    settings that differ within the row (``model.lr=0.0001``; ``settings not recorded`` for files without them)."""
+    by_row = defaultdict(list)
+    for result in results:
+        by_row[result.row].append(result)
+    named = {}
+    for row, runs in by_row.items():
+        flats = [flat_settings(r.settings) for r in runs]
+        if len({json.dumps(f, sort_keys=True) for f in flats}) < 2:
+            continue
+        recorded = [f for f in flats if f]
+        differing = sorted(k for k in set().union(*recorded) if len({f.get(k) for f in recorded}) > 1)
+        for run, flat in zip(runs, flats):
+            named[run.path] = ", ".join(f"{k}={flat.get(k, '-')}" for k in differing) if flat else "settings not recorded"
+    return [replace(r, variant=named.get(r.path, "")) for r in results]
 
 
 def is_synthetic(record: dict) -> bool | None:
@@ -106,17 +141,18 @@ def find_results(folders: list[str]) -> list[Result]:
         for path in sorted(Path(folder).rglob("results.json")):
             try:
                 record = json.loads(path.read_text())
-                results.append(Result(row_of(record), record["benchmark"], record["metrics"], is_synthetic(record), path))
+                settings = (record.get("backbone_source") or {}).get("settings")
+                results.append(Result(row_of(record), record["benchmark"], record["metrics"], is_synthetic(record), path, settings))
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise InvalidInputError(f"{path} is not an eval results file ({error}); delete it or rerun that eval") from None
     if not results:
         raise MissingInputError(f"no results.json under {' '.join(folders)}: run the evals first (e.g. `make eval-voc-cls`)")
-    return results
+    return split_variants(results)
 
 
-def values_of(results: list[Result], row: str, benchmark: str, metric: str) -> list[float]:
+def values_of(results: list[Result], key: tuple[str, str], benchmark: str, metric: str) -> list[float]:
     """The recorded values of one table cell (one per run; runs without the metric left out)."""
-    return [r.metrics[metric] for r in results if r.row == row and r.benchmark == benchmark and r.metrics.get(metric) is not None]
+    return [r.metrics[metric] for r in results if r.key == key and r.benchmark == benchmark and r.metrics.get(metric) is not None]
 
 
 def cell(values: list[float]) -> str:
@@ -129,10 +165,11 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(percent):.1f} ± {statistics.stdev(percent):.1f} ({len(percent)})"
 
 
-def ordered_rows(results: list[Result]) -> list[str]:
-    """The rows present, in ``ROWS``' order (each re-balanced row after its plain one), then unknown ones sorted."""
-    present = {r.row for r in results}
-    known = [row for base in ROWS for row in (base, base + REBALANCED) if row in present]
+def ordered_rows(results: list[Result]) -> list[tuple[str, str]]:
+    """The (row, variant) keys present, in ``ROWS``' order (each re-balanced row after its plain one, variants
+    sorted), then unknown rows sorted."""
+    present = {r.key for r in results}
+    known = [key for base in ROWS for row in (base, base + REBALANCED) for key in sorted(k for k in present if k[0] == row)]
     return known + sorted(present - set(known))
 
 
@@ -140,15 +177,17 @@ def table(results: list[Result], columns: tuple, with_paper: bool) -> str:
     """Markdown table: one line per backbone (and per paper row when ``with_paper``)."""
     header = ["method", "supervision", *(title for _, _, title in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in ordered_rows(results):
-        label, supervision = row_label(row)
-        values = [cell(values_of(results, row, bench, metric)) for bench, metric, _ in columns]
+    papered = set()  # rows whose published line is printed (after the row's first variant)
+    for key in ordered_rows(results):
+        label, supervision = row_label(key)
+        values = [cell(values_of(results, key, bench, metric)) for bench, metric, _ in columns]
         if all(v == "-" for v in values):
             continue
         lines.append("| " + " | ".join([label, supervision, *values]) + " |")
-        if with_paper and row in PAPER:
-            published = [paper_value(row, bench, metric) for bench, metric, _ in columns]
-            lines.append("| " + " | ".join([f"*{label}, paper*", supervision, *("-" if v is None else f"*{v:.1f}*" for v in published)]) + " |")
+        if with_paper and key[0] in PAPER and key[0] not in papered:
+            papered.add(key[0])
+            published = [paper_value(key[0], bench, metric) for bench, metric, _ in columns]
+            lines.append("| " + " | ".join([f"*{row_label((key[0], ''))[0]}, paper*", supervision, *("-" if v is None else f"*{v:.1f}*" for v in published)]) + " |")
     return "\n".join(lines)
 
 
@@ -178,11 +217,11 @@ def log_to_wandb(markdown: str, results: list[Result], out_dir: Path) -> str:
 
     columns = ["method", "benchmark", "metric", "value", "n"]
     rows = []
-    for row in ordered_rows(results):
+    for key in ordered_rows(results):
         for bench, metric, _ in TABLE1 + TABLE2:
-            values = values_of(results, row, bench, metric)
+            values = values_of(results, key, bench, metric)
             if values:
-                rows.append([row_label(row)[0], bench, metric, 100 * statistics.mean(values), len(values)])
+                rows.append([row_label(key)[0], bench, metric, 100 * statistics.mean(values), len(values)])
     run = wandb.init(project="crossflow", job_type="report", dir=str(out_dir), reinit="finish_previous")
     run.log({"tables": wandb.Table(columns=columns, data=rows), "report": wandb.Html(f"<pre>{markdown}</pre>")})
     run.finish()

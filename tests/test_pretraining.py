@@ -104,6 +104,9 @@ def test_export_folds_batch_norm_and_matches_the_training_backbone(demo_run, tmp
         expected, actual = trained(image, ["conv5", "fc7"]), exported(image, ["conv5", "fc7"])
     for layer in expected:
         assert (actual[layer] - expected[layer]).abs().max() <= 1e-4 * expected[layer].abs().max()
+    settings = torch.load(tmp_path / "backbone.pt", weights_only=True)["source"]["settings"]  # what report rows are keyed by
+    assert settings["model"]["lr"] == 1e-4 and settings["model"]["taps"] == ["conv1", "pool1", "conv3", "pool5"]
+    assert settings["data"]["crop_size"] > 0 and not {"seed", "data_dir", "num_workers"} & set(settings["data"])
 
 
 def test_export_refuses_what_is_not_a_crossflow_checkpoint(tmp_path, capsys):

@@ -13,7 +13,8 @@ from crossflow.report import find_results, report
 
 
 def write_result(
-    path: Path, benchmark: str, metrics: dict, backbone: str, objective: str | None = None, root: Path | None = None, rebalance: bool = False
+    path: Path, benchmark: str, metrics: dict, backbone: str, objective: str | None = None, root: Path | None = None, rebalance: bool = False,
+    settings: dict | None = None,
 ) -> None:
     record = {
         "benchmark": benchmark,
@@ -24,7 +25,7 @@ def write_result(
         "config": {"model": {"rebalance": rebalance}, "data": {"root": str(root) if root else None}},
     }
     if objective:
-        record["backbone_source"] = {"objective": objective}
+        record["backbone_source"] = {"objective": objective} | ({"settings": settings} if settings else {})
     path.mkdir(parents=True, exist_ok=True)
     (path / "results.json").write_text(json.dumps(record))
 
@@ -76,6 +77,25 @@ def test_a_rebalanced_backbone_has_its_own_row_below_its_plain_one(tmp_path, syn
         "| Random-rescaled (Kraehenbuehl et al.) | - | - | 35.0 | - |",
         "| Ours (cross-pixel flow similarity) | Optical flow | - | 30.0 | - |",
         "| Ours (cross-pixel flow similarity) + re-balancing (Kraehenbuehl et al.) | Optical flow | - | 40.0 | - |",
+    ]
+
+
+def test_pretrainings_of_one_objective_with_other_settings_get_a_row_each(tmp_path, synthetic_root):
+    runs = tmp_path / "runs"
+    def settings(lr: float) -> dict:
+        return {"model": {"lr": lr, "objective": "cross_pixel"}, "data": {"crop_size": 128}}
+    for seed, (lr, value) in enumerate([(1e-3, 0.30), (1e-3, 0.32), (1e-4, 0.40)]):
+        write_result(runs / f"cp{seed}", "voc07_det", {"mAP": value}, f"cp{seed}/backbone.pt", "cross_pixel", synthetic_root, settings=settings(lr))
+    write_result(runs / "old", "voc07_det", {"mAP": 0.20}, "old/backbone.pt", "cross_pixel", synthetic_root)  # exported before settings were
+    for seed, value in enumerate((0.10, 0.12)):  # one setting only: one row, no variant named
+        write_result(runs / f"d{seed}", "voc07_det", {"mAP": value}, f"d{seed}/backbone.pt", "flow_classification", synthetic_root, settings=settings(1e-3))
+    rows = [line for line in report(find_results([str(runs)])).splitlines() if line.startswith("| O")]
+    spread = statistics.stdev([30.0, 32.0])
+    assert rows == [
+        "| Ours direct (flow classification) | Optical flow | - | 11.0 ± 1.4 (2) | - |",
+        "| Ours (cross-pixel flow similarity) [model.lr=0.0001] | Optical flow | - | 40.0 | - |",
+        f"| Ours (cross-pixel flow similarity) [model.lr=0.001] | Optical flow | - | 31.0 ± {spread:.1f} (2) | - |",
+        "| Ours (cross-pixel flow similarity) [settings not recorded] | Optical flow | - | 20.0 | - |",
     ]
 
 
