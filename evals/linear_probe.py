@@ -244,7 +244,7 @@ class LinearProbe(BackboneProvenance, L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(
-            self.heads.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum, weight_decay=self.hparams.weight_decay
+            self.heads.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum, weight_decay=self.hparams.weight_decay, fused=True
         )
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.hparams.lr_step, self.hparams.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

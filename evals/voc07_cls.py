@@ -218,6 +218,8 @@ class VOC07Classification(BackboneProvenance, L.LightningModule):
             {"params": [p for name, p in trained if not name.endswith("bias")], "lr": self.hparams.lr},
             {"params": [p for name, p in trained if name.endswith("bias")], "lr": self.hparams.lr * self.hparams.bias_lr_mult},
         ]
+        # not fused like the other evals' SGD: Lightning refuses gradient clipping (the configs clip) with a fused
+        # optimizer under mixed precision
         optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum, weight_decay=self.hparams.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.hparams.lr_step, self.hparams.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -404,7 +404,7 @@ class VOC12Segmentation(BackboneProvenance, L.LightningModule):
         hp = self.hparams
         groups = [{"params": self.head.parameters()}, {"params": self.backbone.parameters()}]
         # Base lr 1: the schedule's lambdas return the absolute learning rate of each group.
-        optimizer = torch.optim.SGD(groups, lr=1.0, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=1.0, momentum=hp.momentum, weight_decay=hp.weight_decay, fused=True)
         rates = lambda step: stage_learning_rates(  # noqa: E731
             step, hp.stage1_steps, hp.stage1_lr, hp.stage2_lr, list(hp.stage2_milestones), hp.lr_gamma
         )
