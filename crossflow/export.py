@@ -32,7 +32,7 @@ def pretraining_from_checkpoint(path: str | Path, checkpoint: dict) -> CrossFlow
     return module_from_checkpoint(CrossFlowPretraining, checkpoint)
 
 
-# Hyper-parameters that repeat a pretraining rather than change it (paths, worker counts, seeds, class names).
+# Hyper-parameters that repeat a pretraining rather than change it (class paths, data paths, worker counts, seeds).
 NOT_SETTINGS = {"_class_path", "_instantiator", "data_dir", "root", "num_workers", "seed"}
 
 
