@@ -1,9 +1,10 @@
 """Pretraining throughput (images/s) for the demo and paper configs, and where a step's time goes.
 
 Times full training steps (forward, loss, backward, Adam) of the pretraining module on
-random batches of the config's shape, after warm-up; then splits one step into the
-backbone (forward + backward up to the taps) and the head + loss (sampling, MLP, loss and
-their backward), and gives the full step's time over the backbone's forward + backward. Writes ``benchmarks/results/pretrain_throughput.md``.
+random batches of the config's shape, after warm-up, together with the backbone alone
+(forward + backward up to the taps) and the forward + backward with the head and loss
+(sampling, MLP, loss); gives each over the backbone's time, and the same ratio in matmul and
+convolution FLOPs (the floor if the head ran as fast per FLOP as the backbone). Writes ``benchmarks/results/pretrain_throughput.md``.
 
     python benchmarks/pretrain_throughput.py [--steps 5] [--configs demo paper] [--device cpu|cuda] [--precision 32|bf16]
 """
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from crossflow.module import CrossFlowPretraining
 
@@ -45,53 +48,50 @@ def autocast(device: str, precision: str):
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def time_steps(module: CrossFlowPretraining, batch: dict, steps: int, device: str, precision: str) -> float:
-    """Seconds per full training step."""
+def time_in_turn(module: CrossFlowPretraining, batch: dict, steps: int, device: str, precision: str) -> dict[str, float]:
+    """Median seconds of the backbone's forward + backward to its taps alone (``backbone``), of the whole forward + loss +
+    backward (``full``) and of the training step with Adam (``step``), at the steps' precision. The three run in turn
+    within each repetition, so a drift in the machine's speed touches all three alike."""
     optimizer = module.configure_optimizers()
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            loss = module.objective_loss(module(batch["image"], batch["points"]), batch["flow"])
-        loss.backward()
-        optimizer.step()
-
-    step()  # warm-up
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
-
-
-def time_forward_backward(module: CrossFlowPretraining, batch: dict, steps: int, device: str, precision: str) -> dict:
-    """Seconds of the backbone's forward + backward to its taps alone (``backbone``) and of the whole forward + loss +
-    backward (``full``), at the steps' precision."""
-    taps = module.hparams.taps
 
     def backbone_only():
         with autocast(device, precision):
-            activations = module.backbone(batch["image"], taps)
+            activations = module.backbone_taps(batch["image"])
         torch.autograd.backward(list(activations.values()), [torch.ones_like(a) for a in activations.values()])
 
     def full():
         with autocast(device, precision):
-            activations = module.backbone(batch["image"], taps)
-            output = module.head.forward_at_points(activations, batch["points"], module.geometry, taps)
-            loss = module.objective_loss(output, batch["flow"])
+            loss = module.objective_loss(module(batch["image"], batch["points"]), batch["flow"])
         loss.backward()
 
-    timings = {}
-    for name, fn in (("backbone", backbone_only), ("full", full)):
-        fn()
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        full()
+        optimizer.step()
+
+    timings = {"backbone": [], "full": [], "step": []}
+    for repetition in range(steps + 1):  # the first is the warm-up
+        for name, fn in (("backbone", backbone_only), ("full", full), ("step", step)):
+            synchronize(device)
+            start = time.perf_counter()
             fn()
-        synchronize(device)
-        timings[name] = (time.perf_counter() - start) / steps
-    return timings
+            synchronize(device)
+            if repetition:
+                timings[name].append(time.perf_counter() - start)
+        optimizer.zero_grad(set_to_none=True)
+    return {name: statistics.median(seconds) for name, seconds in timings.items()}
+
+
+def flop_ratio(module: CrossFlowPretraining, batch: dict) -> float:
+    """Matmul and convolution FLOPs (``torch.utils.flop_counter``) of the whole forward + loss + backward over the
+    backbone's alone: the ratio the step would have if the head ran at the backbone's FLOP rate."""
+    with FlopCounterMode(display=False) as backbone:
+        activations = module.backbone_taps(batch["image"])
+        torch.autograd.backward(list(activations.values()), [torch.ones_like(a) for a in activations.values()])
+    with FlopCounterMode(display=False) as full:
+        module.objective_loss(module(batch["image"], batch["points"]), batch["flow"]).backward()
+    module.zero_grad(set_to_none=True)
+    return full.get_total_flops() / backbone.get_total_flops()
 
 
 def main() -> None:
@@ -110,19 +110,20 @@ def main() -> None:
         torch.manual_seed(0)
         module = CrossFlowPretraining(taps=taps, hidden_dim=hidden).to(args.device).train()
         batch = random_batch(crop, batch_size, points, args.device)
-        seconds = time_steps(module, batch, args.steps, args.device, args.precision)
-        timings = time_forward_backward(module, batch, args.steps, args.device, args.precision)
-        share = timings["backbone"] / timings["full"]
+        timings = time_in_turn(module, batch, args.steps, args.device, args.precision)
+        seconds, share = timings["step"], timings["backbone"] / timings["full"]
         rows.append(
             f"| {name} | {crop} | {batch_size} | {points} | {seconds:.4g} | {batch_size / seconds:.1f} | {100 * share:.0f}% | {100 * (1 - share):.0f}% "
-            f"| {1 / share:.2f}x | {seconds / timings['backbone']:.2f}x |"
+            f"| {1 / share:.2f}x | {seconds / timings['backbone']:.2f}x | {flop_ratio(module, batch):.2f}x |"
         )
         print(rows[-1], flush=True)
     table = "\n".join([
-        f"Machine: {machine}; torch {torch.__version__}; precision {args.precision}; {args.steps} timed steps after warm-up.",
+        f"Machine: {machine}; torch {torch.__version__}; precision {args.precision}; medians of {args.steps} repetitions after "
+        "a warm-up, each timing the backbone, the forward + backward and the step in turn.",
         "",
-        "| config | crop | batch | points/image | s/step | images/s | backbone | head + loss | forward + backward / backbone's | step (with Adam) / backbone's |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| config | crop | batch | points/image | s/step | images/s | backbone | head + loss | forward + backward / backbone's "
+        "| step (with Adam) / backbone's | FLOPs / backbone's |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,9 @@ def pretraining_from_checkpoint(path: str | Path, checkpoint: dict) -> CrossFlow
     return module_from_checkpoint(CrossFlowPretraining, checkpoint)
 
 
-# Hyper-parameters that repeat a pretraining rather than change it (class paths, data paths, worker counts, seeds).
-NOT_SETTINGS = {"_class_path", "_instantiator", "data_dir", "root", "num_workers", "seed"}
+# Hyper-parameters that repeat a pretraining rather than change it (class paths, data paths, worker counts, seeds,
+# memory layout).
+NOT_SETTINGS = {"_class_path", "_instantiator", "data_dir", "root", "num_workers", "seed", "channels_last"}
 
 
 def pretraining_settings(content: dict) -> dict:

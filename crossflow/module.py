@@ -35,7 +35,8 @@ class CrossFlowPretraining(L.LightningModule):
         sigma2_init: initial flow-kernel bandwidth sigma^2 (learned as log sigma^2, so it stays positive).
         groups: 1, or 2 for CaffeNet's grouped convolutions.
         lr, betas, eps, weight_decay: Adam (paper: 1e-4, (0.9, 0.999), 1e-8, 0).
-        channels_last: run the backbone in channels-last memory format (faster on recent GPUs).
+        channels_last: run the backbone in channels-last memory format (faster on GPUs with tensor cores, and on the
+            CPU: 9% at the paper config's forward + backward, 7.25 -> 6.57 s on one thread).
     """
 
     def __init__(
@@ -51,7 +52,7 @@ class CrossFlowPretraining(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        channels_last: bool = False,
+        channels_last: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -72,21 +73,25 @@ class CrossFlowPretraining(L.LightningModule):
 
     def forward(self, image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """image ``[B, 3, H, W]``, points ``[B, N, 2]`` (x, y) -> head output ``[B, N, D]`` (or ``[B, N, 2, K]``)."""
-        if self.hparams.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
         taps = self.hparams.taps
-        activations = self.backbone(image, taps)
+        activations = self.backbone_taps(image)
         output = self.head.forward_at_points(activations, points, self.geometry, taps)
         if self.hparams.objective == "flow_classification":
             output = output.unflatten(-1, (2, self.hparams.num_bins))
         return output
+
+    def backbone_taps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The backbone's activations at the hypercolumn's taps: images ``[B, 3, H, W]`` -> ``{tap: [B, C, h, w]}``."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone(images, self.hparams.taps)
 
     @torch.no_grad()
     def dense_output(self, images: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """The head at every pixel, ``chunk`` pixels at a time (:meth:`HypercolumnMLP.forward_dense`, as the segmentation
         eval): images ``[B, 3, H, W]`` -> ``[B, D, H, W]`` (or ``[B, 2K, H, W]`` logits for ``flow_classification``)."""
         taps = self.hparams.taps
-        return self.head.forward_dense(self.backbone(images, taps), self.geometry, taps, tuple(images.shape[-2:]), chunk)
+        return self.head.forward_dense(self.backbone_taps(images), self.geometry, taps, tuple(images.shape[-2:]), chunk)
 
     def dense_embeddings(self, images: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """Unit embeddings ``phi_p / ||phi_p||`` at every pixel: ``[B, 3, H, W]`` -> ``[B, D, H, W]`` (no gradient)."""

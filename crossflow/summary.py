@@ -52,7 +52,7 @@ def recalibrate_batch_norm(module: CrossFlowPretraining, batches: list[dict]) ->
         norm.momentum = None
     module.train()
     for batch in batches:
-        module.backbone(batch["image"], module.hparams.taps)
+        module.backbone_taps(batch["image"])
     module.eval()
 
 

@@ -7,7 +7,9 @@ import torch
 
 from crossflow.losses import (
     cross_pixel_similarity_loss,
+    embedding_kernel,
     flow_classification_loss,
+    flow_target_distribution,
     flow_target_entropy,
     flow_to_bins,
 )
@@ -103,3 +105,48 @@ def test_flow_classification_loss_is_cross_entropy_per_component():
     bins = flow_to_bins(flow, 4)
     expected = -torch.log_softmax(logits, -1).gather(-1, bins.unsqueeze(-1)).mean()
     assert flow_classification_loss(logits, flow).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def autograd_cross_pixel_loss(embeddings, flow, sigma2):
+    """Eq. 3 composed from the kernels, differentiated by autograd (the hand-written gradient's reference)."""
+    eye = torch.eye(embeddings.shape[1], dtype=embeddings.dtype)
+    log_prediction = torch.log_softmax(embedding_kernel(embeddings) - eye, dim=1)
+    return -(flow_target_distribution(flow, sigma2) * log_prediction).sum(dim=(1, 2)).mean() / embeddings.shape[1]
+
+
+def test_chunked_gradients_match_autograd_at_512_points():
+    """N = 512 puts one image in each chunk on CPU: the summed chunks give autograd's loss and gradients."""
+    generator = torch.Generator().manual_seed(2)
+    embeddings = torch.randn(3, 512, 16, generator=generator, dtype=torch.float64)
+    flow = torch.rand(3, 512, 2, generator=generator, dtype=torch.float64) * 0.4 - 0.2
+    results = []
+    for loss_fn in (cross_pixel_similarity_loss, autograd_cross_pixel_loss):
+        e = embeddings.clone().requires_grad_(True)
+        log_sigma2 = torch.tensor(math.log(0.0036), dtype=torch.float64, requires_grad=True)
+        loss = 3.0 * loss_fn(e, flow, log_sigma2.exp())  # an upstream gradient other than 1
+        loss.backward()
+        results.append((loss.detach(), e.grad, log_sigma2.grad))
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_each_input_alone_and_no_grad(sample):
+    embeddings, flow = sample
+    expected = autograd_cross_pixel_loss(embeddings, flow, 0.1)
+    with torch.no_grad():
+        assert cross_pixel_similarity_loss(embeddings, flow, 0.1).item() == pytest.approx(expected.item(), rel=1e-12)
+    sigma2 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    cross_pixel_similarity_loss(embeddings, flow, sigma2).backward()  # embeddings without gradient
+    reference_sigma2 = sigma2.detach().clone().requires_grad_(True)
+    autograd_cross_pixel_loss(embeddings, flow, reference_sigma2).backward()
+    torch.testing.assert_close(sigma2.grad, reference_sigma2.grad)
+
+
+def test_half_precision_embeddings_give_a_float32_loss_and_gradient(sample):
+    embeddings, flow = sample
+    half = embeddings.bfloat16().requires_grad_(True)
+    loss = cross_pixel_similarity_loss(half, flow.bfloat16(), 0.1)
+    loss.backward()
+    assert loss.dtype == torch.float32 and half.grad.dtype == torch.bfloat16
+    expected = autograd_cross_pixel_loss(half.detach().double(), flow.bfloat16().double(), 0.1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from crossflow.models import AlexNet, LAYERS, fold_batch_norm, layer_geometry, load_backbone, save_backbone, sample_at_points
-from crossflow.models.hypercolumn import DENSE_SAMPLING_MAX_UNITS, HypercolumnMLP, bilinear_matrix, project_first, sparse_hypercolumn
+from crossflow.models.hypercolumn import HypercolumnMLP, bilinear_neighbours, project_first, sample_channels_last, sparse_hypercolumn
 
 
 def test_shapes_at_224():
@@ -65,20 +65,25 @@ def test_sampling_between_centres_is_bilinear_and_clamped_at_borders():
     assert sampled.tolist() == pytest.approx([4 * 0.25 + 1.5, 0.0, 11.0])
 
 
-def test_bilinear_matrix_samples_as_grid_sample_does():
-    """The matmul form of the sampling (small projected maps) reads the same values as grid_sample: inside the map,
-    at unit centres, on its last row and column, and clamped beyond every border."""
+def test_channels_last_sampling_reads_what_grid_sample_reads():
+    """The embedding-bag form of the sampling (projected maps) gives grid_sample's values and gradients: inside the map,
+    at unit centres, on its last row and column, clamped beyond every border, and on maps one unit high or wide."""
     features = torch.arange(12.0, dtype=torch.float64).reshape(1, 1, 3, 4)
     points = torch.tensor([[[16 * 1.5, 16 * 0.25], [-100.0, -100.0], [1000.0, 16 * 2.0], [16 * 3.0, 16 * 1.0]]], dtype=torch.float64)
-    matrix = bilinear_matrix(points, 16.0, 0.0, 3, 4)
-    assert (matrix >= 0).all() and torch.allclose(matrix.sum(-1), torch.ones(1, 4, dtype=torch.float64))
-    assert (matrix[0] @ features.flatten()).tolist() == pytest.approx([4 * 0.25 + 1.5, 0.0, 11.0, 7.0])
+    indices, weights = bilinear_neighbours(points, 16.0, 0.0, 3, 4)
+    assert (weights >= 0).all() and torch.allclose(weights.sum(-1), torch.ones(4, dtype=torch.float64))
+    assert ((features.flatten()[indices] * weights).sum(-1)).tolist() == pytest.approx([4 * 0.25 + 1.5, 0.0, 11.0, 7.0])
     torch.manual_seed(0)
-    for height, width, stride, offset in ((13, 13, 16, 15.5), (6, 6, 32, 31.5), (1, 5, 8, 3.5)):
-        maps = torch.randn(3, 7, height, width, dtype=torch.float64)
+    for height, width, stride, offset in ((13, 13, 16, 15.5), (6, 6, 32, 31.5), (1, 5, 8, 3.5), (4, 1, 8, 3.5), (1, 1, 32, 0)):
+        maps = torch.randn(3, 7, height, width, dtype=torch.float64, requires_grad=True)
         points = torch.rand(3, 50, 2, dtype=torch.float64) * 260 - 20
-        by_matrix = bilinear_matrix(points, stride, offset, height, width) @ maps.flatten(2).mT
-        torch.testing.assert_close(by_matrix, sample_at_points(maps, points, stride, offset))
+        upstream = torch.randn(3, 50, 7, dtype=torch.float64)
+        results = []
+        for sample in (lambda: sample_at_points(maps, points, stride, offset),
+                       lambda: sample_channels_last(maps.permute(0, 2, 3, 1), points, stride, offset)):
+            values = sample()
+            results.append((values, torch.autograd.grad((values * upstream).sum(), maps)[0]))
+        torch.testing.assert_close(results[1], results[0])
 
 
 def test_hypercolumn_concatenates_taps_in_order():
@@ -108,7 +113,6 @@ def test_each_tap_sampled_or_projected_first_gives_the_head_and_its_gradients_on
     activations = {t: a.detach().requires_grad_() for t, a in AlexNet().double()(torch.randn(2, 3, 224, 224, dtype=torch.float64), taps).items()}
     head = HypercolumnMLP(96 + 96 + 384 + 256 + 4096, 16, 4).double()
     assert [project_first(activations[t].shape, 512, 16) for t in taps] == [False, False, True, True, True]
-    assert all(activations[t][0, 0].numel() <= DENSE_SAMPLING_MAX_UNITS for t in ("conv3", "pool5"))  # sampled by matmul
     points = torch.rand(2, 512, 2, dtype=torch.float64) * 223
     results = []
     for forward in (lambda: head(sparse_hypercolumn(activations, points, layer_geometry(), taps)),
