@@ -48,30 +48,39 @@ def autocast(device: str, precision: str):
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def backbone_forward_backward(module: CrossFlowPretraining, batch: dict, device: str, precision: str) -> None:
+    """The backbone's forward to its taps and a backward from them alone."""
+    with autocast(device, precision):
+        activations = module.backbone_taps(batch["image"])
+    torch.autograd.backward(list(activations.values()), [torch.ones_like(a) for a in activations.values()])
+
+
+def full_forward_backward(module: CrossFlowPretraining, batch: dict, device: str, precision: str) -> None:
+    """Backbone, head and loss forward, then backward."""
+    with autocast(device, precision):
+        loss = module.objective_loss(module(batch["image"], batch["points"]), batch["flow"])
+    loss.backward()
+
+
 def time_in_turn(module: CrossFlowPretraining, batch: dict, steps: int, device: str, precision: str) -> dict[str, float]:
     """Median seconds of the backbone's forward + backward to its taps alone (``backbone``), of the whole forward + loss +
     backward (``full``) and of the training step with Adam (``step``), at the steps' precision. The three run in turn
     within each repetition, so a drift in the machine's speed touches all three alike."""
     optimizer = module.configure_optimizers()
 
-    def backbone_only():
-        with autocast(device, precision):
-            activations = module.backbone_taps(batch["image"])
-        torch.autograd.backward(list(activations.values()), [torch.ones_like(a) for a in activations.values()])
-
-    def full():
-        with autocast(device, precision):
-            loss = module.objective_loss(module(batch["image"], batch["points"]), batch["flow"])
-        loss.backward()
-
     def step():
         optimizer.zero_grad(set_to_none=True)
-        full()
+        full_forward_backward(module, batch, device, precision)
         optimizer.step()
 
-    timings = {"backbone": [], "full": [], "step": []}
+    parts = {
+        "backbone": lambda: backbone_forward_backward(module, batch, device, precision),
+        "full": lambda: full_forward_backward(module, batch, device, precision),
+        "step": step,
+    }
+    timings = {name: [] for name in parts}
     for repetition in range(steps + 1):  # the first is the warm-up
-        for name, fn in (("backbone", backbone_only), ("full", full), ("step", step)):
+        for name, fn in parts.items():
             synchronize(device)
             start = time.perf_counter()
             fn()
@@ -82,14 +91,13 @@ def time_in_turn(module: CrossFlowPretraining, batch: dict, steps: int, device: 
     return {name: statistics.median(seconds) for name, seconds in timings.items()}
 
 
-def flop_ratio(module: CrossFlowPretraining, batch: dict) -> float:
+def flop_ratio(module: CrossFlowPretraining, batch: dict, device: str, precision: str) -> float:
     """Matmul and convolution FLOPs (``torch.utils.flop_counter``) of the whole forward + loss + backward over the
     backbone's alone: the ratio the step would have if the head ran at the backbone's FLOP rate."""
     with FlopCounterMode(display=False) as backbone:
-        activations = module.backbone_taps(batch["image"])
-        torch.autograd.backward(list(activations.values()), [torch.ones_like(a) for a in activations.values()])
+        backbone_forward_backward(module, batch, device, precision)
     with FlopCounterMode(display=False) as full:
-        module.objective_loss(module(batch["image"], batch["points"]), batch["flow"]).backward()
+        full_forward_backward(module, batch, device, precision)
     module.zero_grad(set_to_none=True)
     return full.get_total_flops() / backbone.get_total_flops()
 
@@ -114,7 +122,7 @@ def main() -> None:
         seconds, share = timings["step"], timings["backbone"] / timings["full"]
         rows.append(
             f"| {name} | {crop} | {batch_size} | {points} | {seconds:.4g} | {batch_size / seconds:.1f} | {100 * share:.0f}% | {100 * (1 - share):.0f}% "
-            f"| {1 / share:.2f}x | {seconds / timings['backbone']:.2f}x | {flop_ratio(module, batch):.2f}x |"
+            f"| {1 / share:.2f}x | {seconds / timings['backbone']:.2f}x | {flop_ratio(module, batch, args.device, args.precision):.2f}x |"
         )
         print(rows[-1], flush=True)
     table = "\n".join([

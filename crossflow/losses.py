@@ -51,10 +51,14 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _column_softmax(kernel: torch.Tensor) -> torch.Tensor:
+    """``S(., q) = softmax_p(K(p, q) - [p == q])`` of a kernel ``[B, N, N]``: each column sums to 1 over dim 1."""
+    return torch.softmax(kernel - torch.eye(kernel.shape[-1], dtype=kernel.dtype, device=kernel.device), dim=1)
+
+
 def flow_target_distribution(flow: torch.Tensor, sigma2: torch.Tensor | float) -> torch.Tensor:
     """``S_f [B, N, N]``: column q is the flow's distribution over pixels p (sums to 1 over dim 1)."""
-    kernel = flow_kernel(flow, sigma2)
-    return torch.softmax(kernel - torch.eye(kernel.shape[-1], dtype=kernel.dtype, device=kernel.device), dim=1)
+    return _column_softmax(flow_kernel(flow, sigma2))
 
 
 def _summed_loss_and_gradients(
@@ -67,10 +71,10 @@ def _summed_loss_and_gradients(
         dL/dsigma2 = -sum_{p,q} (W - T * sum_p W) K_f ||f_p - f_q||^2 / (2 sigma^4)
     unit ``[b, N, D]`` (unit rows), flow ``[b, N, 2]``, sigma2 0-d -> (0-d, ``[b, N, D]``, 0-d).
     """
-    eye = torch.eye(unit.shape[1], dtype=unit.dtype, device=unit.device)
     squared_distances = squared_flow_distances(flow)
     kernel_f = gaussian_of_distances(squared_distances, sigma2)
-    target = torch.softmax(kernel_f - eye, dim=1)
+    target = _column_softmax(kernel_f)
+    eye = torch.eye(unit.shape[1], dtype=unit.dtype, device=unit.device)
     log_prediction = torch.log_softmax(
         torch.baddbmm(eye, unit, unit.transpose(1, 2), beta=-1, alpha=EMBEDDING_KERNEL_SCALE), dim=1
     )
@@ -105,8 +109,7 @@ class _CrossPixelSimilarity(torch.autograd.Function):
         scale = 1.0 / (batch * num_points)
         chunk = _images_per_chunk(unit)
         loss = unit.new_zeros(())
-        grad_unit = torch.empty_like(unit) if with_gradients else None
-        grad_sigma2 = unit.new_zeros(())
+        grad_unit, grad_sigma2 = (torch.empty_like(unit), unit.new_zeros(())) if with_gradients else (None, None)
         with torch.autocast(unit.device.type, enabled=False):  # float32 throughout, whatever the training precision
             for start in range(0, batch, chunk):
                 part = slice(start, start + chunk)
