@@ -59,11 +59,10 @@ class FastRCNN(nn.Module):
 
     def fc(self, pooled: Tensor) -> Tensor:
         """Pooled RoIs ``[R, 256, 6, 6]`` -> fc7 ``[R, 4096]``: fc6, ReLU, dropout, fc7, ReLU, dropout."""
-        hidden = pooled.flatten(1)
-        for name in ("fc6", "fc7"):
-            conv = self.backbone.conv(name)
-            hidden = self.dropout(F.relu(F.linear(hidden, conv.weight.flatten(1), conv.bias)))
-        return hidden
+        hidden = pooled
+        for name in ("fc6", "fc7"):  # each conv + ReLU, a matrix product on the one-kernel input (Conv2dFullyConnected)
+            hidden = self.dropout(self.backbone.layers[name](hidden))
+        return hidden.flatten(1)
 
     def forward(self, images: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         """images ``[B, 3, H, W]``, rois ``[R, 5]`` (batch index, x1, y1, x2, y2) -> logits ``[R, C]``, deltas ``[R, 4C]``."""

@@ -105,12 +105,17 @@ def test_head_at_points_equals_head_on_the_concatenated_hypercolumn():
     torch.testing.assert_close(head.forward_at_points(activations, points, layer_geometry(), taps), expected)
 
 
-def test_each_tap_sampled_or_projected_first_gives_the_head_and_its_gradients_on_the_hypercolumn():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_each_tap_sampled_or_projected_first_gives_the_head_and_its_gradients_on_the_hypercolumn(memory_format):
     """At 224 px and N = 512 conv1, pool1 sample first and conv3, pool5, fc7 project first; both give the same values
-    and the same gradients (to the activations and to the weights) as the head on the concatenated hypercolumn."""
+    and the same gradients (to the activations and to the weights) as the head on the concatenated hypercolumn, from
+    a backbone in either memory format (channels last: the taps are sampled as views, without a copy)."""
     torch.manual_seed(0)
     taps = ["conv1", "pool1", "conv3", "pool5", "fc7"]
-    activations = {t: a.detach().requires_grad_() for t, a in AlexNet().double()(torch.randn(2, 3, 224, 224, dtype=torch.float64), taps).items()}
+    network = AlexNet().double().to(memory_format=memory_format)
+    image = torch.randn(2, 3, 224, 224, dtype=torch.float64).contiguous(memory_format=memory_format)
+    activations = {t: a.detach().requires_grad_() for t, a in network(image, taps).items()}
+    assert activations["conv1"].is_contiguous(memory_format=memory_format)
     head = HypercolumnMLP(96 + 96 + 384 + 256 + 4096, 16, 4).double()
     assert [project_first(activations[t].shape, 512, 16) for t in taps] == [False, False, True, True, True]
     points = torch.rand(2, 512, 2, dtype=torch.float64) * 223
@@ -124,6 +129,23 @@ def test_each_tap_sampled_or_projected_first_gives_the_head_and_its_gradients_on
     torch.testing.assert_close(results[1][0], results[0][0])
     for actual, expected in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fully_connected_layers_compute_their_convolution(memory_format):
+    """fc6/fc7 run as a matrix product where their input is one kernel in size (224 px) and slide where it is larger:
+    both give F.conv2d's values and gradients, in either memory format of weights and inputs."""
+    torch.manual_seed(0)
+    network = AlexNet().double().to(memory_format=memory_format)
+    for name, size in (("fc6", 6), ("fc6", 8), ("fc7", 1), ("fc7", 3)):
+        conv = network.conv(name)
+        inputs = torch.randn(3, conv.in_channels, size, size, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+        upstream = torch.randn(3, conv.out_channels, size - conv.kernel_size[0] + 1, size - conv.kernel_size[0] + 1, dtype=torch.float64)
+        results = []
+        for forward in (conv, lambda x: torch.nn.functional.conv2d(x, conv.weight, conv.bias)):
+            output = forward(inputs)
+            results.append((output, torch.autograd.grad((output * upstream).sum(), [inputs, conv.weight, conv.bias])))
+        torch.testing.assert_close(results[0], results[1], msg=f"{name} at {size} x {size}")
 
 
 @pytest.mark.parametrize("size, taps", [
