@@ -131,9 +131,9 @@ def layer_channels(groups: int = 1, arch: str = "crossflow") -> dict[str, int]:
 class Conv2dFullyConnected(nn.Conv2d):
     """A convolution that runs as a matrix product where its input is one kernel in size (fc6 and fc7 at 224 px):
     ``y = W x + b`` over the flattened ``[B, C k k]`` input, the same sum as the convolution. Written here because
-    oneDNN's convolution to a 1 x 1 map is 3-5x slower than the GEMM on the CPU, forward and backward (fc7 at batch 96,
-    one thread: 0.67 s against 0.13 s). Both are flattened in the weight's memory order (``c, h, w`` or, channels last,
-    ``h, w, c``) so neither is copied. Larger inputs (segmentation) slide the kernel as usual."""
+    oneDNN's convolution to a 1 x 1 map is slower than the GEMM on the CPU, forward and backward (batch 96, one
+    thread: fc7 0.67 s against 0.13 s, fc6 0.43 s against 0.32 s). Both are flattened in the weight's memory order
+    (``c, h, w`` or, channels last, ``h, w, c``) so neither is copied. Larger inputs (segmentation) slide the kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != self.kernel_size or self.padding != (0, 0) or self.groups != 1:
