@@ -85,6 +85,8 @@ def sample_maps(maps: list[tuple[torch.Tensor, tuple[float, float]]], points: to
     for features, (stride, offset) in maps:
         batch, height, width, channels = features.shape
         neighbours, neighbour_weights = bilinear_neighbours(points, stride, offset, height, width)
+        if height == width == 1:  # the four neighbours are the image's one unit (fc6/fc7, the bias): read it once
+            neighbours, neighbour_weights = neighbours[:, :1], neighbour_weights.sum(1, keepdim=True)
         tables.append(features.reshape(-1, channels).to(maps[0][0].dtype))  # a float32 bias joins bf16 maps under autocast
         indices.append(neighbours + first_row)
         weights.append(neighbour_weights)
