@@ -87,7 +87,7 @@ test-fast: $(VENV)/.installed ## the test suite without the end-to-end runs
 	$(PYTEST) -m "not slow"
 
 benchmark: $(VENV)/.installed ## throughput benchmarks; figures go to benchmarks/results/
-	$(BIN)/python benchmarks/pretrain_throughput.py
+	$(CPU_MALLOC) $(BIN)/python benchmarks/pretrain_throughput.py
 
 # eval-<name>: fit then test one transfer benchmark on BACKBONE (a backbone file or `random`).
 # DEMO=1 uses configs/eval/demo_<name>.yaml on the synthetic world (generated if absent).

@@ -12,6 +12,7 @@ convolution FLOPs (the floor if the head ran as fast per FLOP as the backbone). 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -111,7 +112,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "pretrain_throughput.md"))
     args = parser.parse_args()
 
-    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    # glibc maps blocks over 32 MB afresh and unmaps them on free unless told not to (the Makefile's CPU_MALLOC): the
+    # head's 200 MB tensors then page-fault back in every step, which costs the paper config a fifth of its rate
+    allocator = "heap kept" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "glibc default (`make benchmark` keeps the heap)"
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, allocator {allocator}")
     rows = []
     for name in args.configs:
         crop, batch_size, points, taps, hidden = CONFIGS[name]
