@@ -161,7 +161,7 @@ class HypercolumnMLP(nn.Module):
         Exact (up to float rounding). Returns ``[B, N, out_dim]``.
         """
         first = self.mlp[0]
-        weights = dict(zip(taps, first.weight.split([activations[t].shape[1] for t in taps], dim=1)))
+        weights = self._first_layer_by_tap(activations, taps)
         sampled = [t for t in taps if not project_first(activations[t].shape, points.shape[1], first.out_features)]
         projected = self._projected_maps(activations, geometry, [t for t in taps if t not in sampled], weights)
         hidden = sample_maps([*projected, bias_map(first.bias, points.shape[0])], points)
@@ -169,6 +169,10 @@ class HypercolumnMLP(nn.Module):
             columns = torch.cat([sample_channels_last(to_channels_last(activations[t]), points, *geometry[t]) for t in sampled], dim=-1)
             hidden = pointwise_linear(columns, torch.cat([weights[t] for t in sampled], dim=1)) + hidden.to(columns.dtype)
         return self.mlp[1:](hidden)
+
+    def _first_layer_by_tap(self, activations: Mapping[str, torch.Tensor], taps: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The first layer's weight split into its columns per tap, in the hypercolumn's order: ``{tap: [hidden, C_tap]}``."""
+        return dict(zip(taps, self.mlp[0].weight.split([activations[t].shape[1] for t in taps], dim=1)))
 
     @staticmethod
     def _projected_maps(activations, geometry, taps, weights) -> list[tuple[torch.Tensor, tuple[float, float]]]:
@@ -189,8 +193,7 @@ class HypercolumnMLP(nn.Module):
 
         Bilinear sampling is linear, so ``W [x_1; ...; x_T](p) = sum_t sample(W_t x_t)(p)``: exact.
         """
-        weights = dict(zip(taps, self.mlp[0].weight.split([activations[t].shape[1] for t in taps], dim=1)))
-        return self._projected_maps(activations, geometry, taps, weights)
+        return self._projected_maps(activations, geometry, taps, self._first_layer_by_tap(activations, taps))
 
     def forward_dense(
         self,
